@@ -1,0 +1,1 @@
+"""Importers from HF-layout PyTorch checkpoints (local folders only) into hade_jax modules."""

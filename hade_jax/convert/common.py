@@ -1,0 +1,186 @@
+"""Checkpoint import machinery shared by every importer.
+
+hade_jax parameter paths mirror the HF checkpoint names (`encoder/layer/3/attention/self/query/
+kernel` <-> `encoder.layer.3.attention.self.query.weight`), so an importer is a rename table:
+a function from a hade_jax path to a source key. Everything here checks shapes strictly and
+reports missing and unused keys; nothing needs torch unless the folder only has a `.bin` file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import re
+from collections.abc import Callable, Iterable, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Path = tuple[str | int, ...]
+
+# Flax leaf name -> PyTorch leaf name.
+_LEAF_RENAMES = {
+    "kernel": "weight",
+    "scale": "weight",
+    "embedding": "weight",
+    "mean": "running_mean",
+    "var": "running_var",
+}
+
+
+class ConversionError(ValueError):
+  """A checkpoint does not fit the model it is imported into."""
+
+
+@dataclasses.dataclass
+class ImportReport:
+  """What an import did: loaded, missing (model side) and unused (checkpoint side) keys."""
+
+  source: str
+  loaded: list[str] = dataclasses.field(default_factory=list)
+  missing: list[str] = dataclasses.field(default_factory=list)
+  unused: list[str] = dataclasses.field(default_factory=list)
+
+  def __str__(self) -> str:
+    lines = [f"imported {len(self.loaded)} tensors from {self.source}"]
+    for title, keys in (("missing (left as initialised)", self.missing), ("unused", self.unused)):
+      if keys:
+        lines.append(f"{len(keys)} {title}: " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+    return "\n".join(lines)
+
+
+def load_hf_folder(folder: str | pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
+  """Reads `config.json` and the weights of a local HF checkpoint folder.
+
+  Prefers `model.safetensors` (or a sharded `model.safetensors.index.json`), read with numpy
+  only; falls back to `pytorch_model.bin`, which needs torch.
+  """
+  folder = pathlib.Path(folder).expanduser()
+  if not folder.is_dir():
+    raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+  config_path = folder / "config.json"
+  if not config_path.is_file():
+    raise FileNotFoundError(f"{folder} has no config.json (expected an HF checkpoint folder)")
+  config = json.loads(config_path.read_text(encoding="utf-8"))
+  return config, load_state_dict(folder)
+
+
+def load_state_dict(folder: str | pathlib.Path) -> dict[str, np.ndarray]:
+  """Loads all tensors of a checkpoint folder (or a single weights file) as numpy arrays."""
+  folder = pathlib.Path(folder).expanduser()
+  if folder.is_file():
+    files = [folder]
+  elif (folder / "model.safetensors").is_file():
+    files = [folder / "model.safetensors"]
+  elif (folder / "model.safetensors.index.json").is_file():
+    index = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))
+    files = [folder / name for name in sorted(set(index["weight_map"].values()))]
+  elif (folder / "pytorch_model.bin").is_file():
+    files = [folder / "pytorch_model.bin"]
+  else:
+    raise FileNotFoundError(
+        f"{folder} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+  state: dict[str, np.ndarray] = {}
+  for path in files:
+    if path.suffix == ".safetensors":
+      from safetensors.numpy import load_file
+
+      state.update(load_file(str(path)))
+    else:
+      state.update(_load_torch_bin(path))
+  return state
+
+
+def _load_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(
+        f"{path} is a PyTorch pickle; reading it needs torch (pip install torch==2.13.0), "
+        "or convert it to model.safetensors") from e
+  raw = torch.load(str(path), map_location="cpu", weights_only=True)
+  if "state_dict" in raw and isinstance(raw["state_dict"], Mapping):
+    raw = raw["state_dict"]
+  return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in raw.items()}
+
+
+def default_hf_name(path: Path) -> str:
+  """`('encoder', 'layer', 0, 'attention', 'self', 'query', 'kernel')` -> `encoder.layer.0...weight`."""
+  *prefix, leaf = (str(p) for p in path)
+  return ".".join([*prefix, _LEAF_RENAMES.get(leaf, leaf)])
+
+
+def to_flax_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+  """PyTorch tensor layout -> Flax layout, by leaf name and rank."""
+  if leaf == "kernel":
+    if value.ndim == 2:  # Linear: [out, in] -> [in, out]
+      return value.T
+    if value.ndim == 3:  # Conv1d: [out, in, w] -> [w, in, out]
+      return value.transpose(2, 1, 0)
+    if value.ndim == 4:  # Conv2d: [out, in, h, w] -> [h, w, in, out]
+      return value.transpose(2, 3, 1, 0)
+  return value
+
+
+def import_params(
+    module: nnx.Module,
+    state_dict: Mapping[str, np.ndarray],
+    *,
+    name_fn: Callable[[Path], str | None] = default_hf_name,
+    source: str = "checkpoint",
+    allow_missing: Iterable[str] = (),
+    strict: bool = True,
+    consumed_prefixes: Iterable[str] = (),
+) -> ImportReport:
+  """Copies tensors from `state_dict` into `module` in place.
+
+  Args:
+    module: the hade_jax module (or sub-module) to fill.
+    state_dict: source key -> array (PyTorch layout).
+    name_fn: hade_jax path -> source key, or None for a variable that has no source.
+    source: a name for messages.
+    allow_missing: regexes over '/'-joined hade_jax paths that may lack a source tensor.
+    strict: raise when a variable is missing (and not allowed to be).
+    consumed_prefixes: only source keys under these prefixes count as "unused" when not
+      consumed (a ClapModel checkpoint imported tower by tower); empty = all keys.
+
+  Returns:
+    An ImportReport. Shape mismatches always raise ConversionError naming both sides.
+  """
+  allow = [re.compile(p) for p in allow_missing]
+  state = nnx.state(module)
+  flat = nnx.to_flat_state(state)
+  report = ImportReport(source=source)
+  used: set[str] = set()
+  errors: list[str] = []
+  updates = []
+  for path, var in flat:
+    joined = "/".join(str(p) for p in path)
+    key = name_fn(path)
+    if key is None or key not in state_dict:
+      if key is None or any(a.search(joined) for a in allow):
+        continue
+      report.missing.append(f"{joined} (expected {key})")
+      continue
+    value = to_flax_layout(str(path[-1]), np.asarray(state_dict[key]))
+    target = var.get_value()
+    if tuple(value.shape) != tuple(target.shape):
+      errors.append(f"{key} {tuple(state_dict[key].shape)} -> {joined}: got {tuple(value.shape)}, "
+                    f"model expects {tuple(target.shape)}")
+      continue
+    updates.append((path, var, jnp.asarray(value, dtype=target.dtype)))
+    used.add(key)
+    report.loaded.append(key)
+  if errors:
+    raise ConversionError(f"shape mismatch importing {source}:\n  " + "\n  ".join(errors))
+  if report.missing and strict:
+    raise ConversionError(f"{source} lacks {len(report.missing)} tensors the model needs:\n  "
+                          + "\n  ".join(report.missing[:50]))
+  for _, var, value in updates:
+    var.set_value(value)
+  nnx.update(module, nnx.from_flat_state(flat))
+  prefixes = tuple(consumed_prefixes)
+  report.unused = sorted(k for k in state_dict if k not in used and (not prefixes or k.startswith(prefixes)))
+  return report

