@@ -47,7 +47,8 @@ class ImportReport:
     lines = [f"imported {len(self.loaded)} tensors from {self.source}"]
     for title, keys in (("missing (left as initialised)", self.missing), ("unused", self.unused)):
       if keys:
-        lines.append(f"{len(keys)} {title}: " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+        more = " ..." if len(keys) > 20 else ""
+        lines.append(f"{len(keys)} {title}: " + ", ".join(keys[:20]) + more)
     return "\n".join(lines)
 
 
@@ -103,11 +104,11 @@ def _load_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
   raw = torch.load(str(path), map_location="cpu", weights_only=True)
   if "state_dict" in raw and isinstance(raw["state_dict"], Mapping):
     raw = raw["state_dict"]
-  return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in raw.items()}
+  return {k: (v.detach().float() if v.is_floating_point() else v).numpy() for k, v in raw.items()}
 
 
 def default_hf_name(path: Path) -> str:
-  """`('encoder', 'layer', 0, 'attention', 'self', 'query', 'kernel')` -> `encoder.layer.0...weight`."""
+  """`('encoder', 'layer', 0, ..., 'query', 'kernel')` -> `encoder.layer.0....query.weight`."""
   *prefix, leaf = (str(p) for p in path)
   return ".".join([*prefix, _LEAF_RENAMES.get(leaf, leaf)])
 
@@ -182,5 +183,6 @@ def import_params(
     var.set_value(value)
   nnx.update(module, nnx.from_flat_state(flat))
   prefixes = tuple(consumed_prefixes)
-  report.unused = sorted(k for k in state_dict if k not in used and (not prefixes or k.startswith(prefixes)))
+  report.unused = sorted(
+      k for k in state_dict if k not in used and (not prefixes or k.startswith(prefixes)))
   return report

@@ -1,0 +1,331 @@
+"""HADE heads: hierarchical alignment (THA), latent factors (DCR) and confidence (CA).
+
+Specification: ../shared/HADE.md sections 2-4. Every [lineage]/[choice] point of the spec is a
+field of `HeadsConfig`, so ablations ("global only", "+THA", "+DCR", "+THA+DCR") are configs.
+
+Scores are computed for ALL (audio, text) pairs of two feature sets at once; each modality is
+turned into cacheable features once (`audio_features` / `text_features`) and `score` only does
+the pairwise part, so retrieval over a corpus can tile it.
+
+Legend:
+  A: audios, T: texts, K: factors, L: levels, N: frames, M: words, D: joint width,
+  d: factor width (D / K), C: encoder width, H: hidden width of an MLP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from hade_jax import layers
+
+_EPS = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadsConfig:
+  """The HADE heads on top of the two towers (HADE.md sections 2-5)."""
+
+  embed_dim: int = 512  # D, width of the joint space.
+  # Global embeddings: 'clap' = Linear-ReLU-Linear as LAION-CLAP's projection layers, 'linear'.
+  projection: str = "clap"
+  # Text global input: 'pooler' (BERT/CLAP pooler on [CLS]), 'cls' (raw [CLS] state),
+  # 'mean' (mean of valid words, as sentence-transformers).
+  text_pool: str = "pooler"
+  use_global: bool = True  # cosine of the global embeddings in the total score.
+  global_weight: float = 1.0
+  use_tha: bool = True
+  # THA level set: (audio stage h in 1..4, text block l in 1..num_layers). [choice]
+  levels: tuple[tuple[int, int], ...] = ((2, 4), (3, 8), (4, 12))
+  level_sim: str = "tokens"  # 'tokens' (DRL/WTA weighted max-cosine) or 'pooled' (HiT).
+  text_level_pool: str = "cls"  # for 'pooled' levels: 'cls' or 'mean' of valid words.
+  learn_level_weights: bool = True  # lambda = softmax(logits) learnable, else fixed 1/L.
+  use_dcr: bool = True
+  num_factors: int = 8  # K. [lineage DiCoSA]
+  dcr_linear: bool = False  # a linear map before the factor split. [choice]
+  confidence_norm: str = "none"  # 'none' (DiCoSA), 'softmax' over k, or 'sigmoid'.
+  dcr_weight: float = 1.0  # gamma in S = S_THA + gamma S_DCR.
+  temperature_init: float = 0.07  # logit scale starts at ln(1 / 0.07).
+  max_logit_scale: float = 100.0  # exp(s) clamped here (CLIP).
+  dropout: float = 0.0
+
+  def __post_init__(self):
+    _check_choice("projection", self.projection, ("clap", "linear"))
+    _check_choice("text_pool", self.text_pool, ("pooler", "cls", "mean"))
+    _check_choice("level_sim", self.level_sim, ("tokens", "pooled"))
+    _check_choice("text_level_pool", self.text_level_pool, ("cls", "mean"))
+    _check_choice("confidence_norm", self.confidence_norm, ("none", "softmax", "sigmoid"))
+    if not (self.use_global or self.use_tha or self.use_dcr):
+      raise ValueError("HeadsConfig: at least one of use_global, use_tha, use_dcr must be on")
+    if self.use_dcr and self.embed_dim % self.num_factors:
+      raise ValueError(f"HeadsConfig.embed_dim={self.embed_dim} is not divisible by "
+                       f"num_factors={self.num_factors}")
+    if self.use_tha and not self.levels:
+      raise ValueError("HeadsConfig.levels is empty while use_tha is on")
+
+
+def _check_choice(field: str, value: str, allowed: tuple[str, ...]):
+  if value not in allowed:
+    raise ValueError(f"HeadsConfig.{field}={value!r}; expected one of {allowed}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached features. Everything pairwise-independent is computed once per modality.
+
+
+@struct.dataclass
+class AudioFeatures:
+  global_AxD: jax.Array  # projected global embedding (not normalised).
+  levels: tuple[jax.Array, ...]  # per THA level: L2-normalised tokens [A, N_k, D].
+  level_masks: tuple[jax.Array, ...]  # [A, N_k] bool.
+  level_logits: tuple[jax.Array, ...]  # token-weight logits [A, N_k] ('tokens' levels).
+  factors_AxKxd: jax.Array | None  # DCR factors (after the optional linear map).
+
+
+@struct.dataclass
+class TextFeatures:
+  global_TxD: jax.Array
+  levels: tuple[jax.Array, ...]  # [T, M, D] normalised word tokens (or [T, 1, D] pooled).
+  level_masks: tuple[jax.Array, ...]  # [T, M] bool.
+  level_logits: tuple[jax.Array, ...]
+  factors_TxKxd: jax.Array | None
+
+
+def normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), _EPS)
+
+
+def masked_mean(x_BxNxC: jax.Array, mask_BxN: jax.Array) -> jax.Array:
+  w_BxN = mask_BxN.astype(x_BxNxC.dtype)
+  return jnp.einsum("bnc,bn->bc", x_BxNxC, w_BxN) / jnp.maximum(w_BxN.sum(-1, keepdims=True), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Head modules.
+
+
+class Projection(nnx.Module):
+  """LAION-CLAP's projection (linear1 -> ReLU -> linear2) or a single linear layer."""
+
+  def __init__(self, in_dim: int, out_dim: int, kind: str, *, rngs: nnx.Rngs):
+    self.kind = kind
+    self.linear1 = nnx.Linear(in_dim, out_dim, rngs=rngs)
+    if kind == "clap":
+      self.linear2 = nnx.Linear(out_dim, out_dim, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.linear1(x)
+    if self.kind == "clap":
+      x = self.linear2(jax.nn.relu(x))
+    return x
+
+
+class TokenWeights(nnx.Module):
+  """DRL-style token importance: logits = MLP(token) (Linear D->D, ReLU, Linear D->1)."""
+
+  def __init__(self, dim: int, *, rngs: nnx.Rngs):
+    self.linear1 = nnx.Linear(dim, dim, rngs=rngs)
+    self.linear2 = nnx.Linear(dim, 1, rngs=rngs)
+
+  def __call__(self, x_BxNxD: jax.Array) -> jax.Array:
+    return self.linear2(jax.nn.relu(self.linear1(x_BxNxD)))[..., 0]
+
+
+class ThaLevel(nnx.Module):
+  """One (audio stage, text block) level: projections P_a^k, P_t^k (+ token weights)."""
+
+  def __init__(self, audio_dim: int, text_dim: int, cfg: HeadsConfig, *, rngs: nnx.Rngs):
+    self.audio_proj = nnx.Linear(audio_dim, cfg.embed_dim, rngs=rngs)
+    self.text_proj = nnx.Linear(text_dim, cfg.embed_dim, rngs=rngs)
+    if cfg.level_sim == "tokens":
+      self.audio_weights = TokenWeights(cfg.embed_dim, rngs=rngs)
+      self.text_weights = TokenWeights(cfg.embed_dim, rngs=rngs)
+
+
+class Confidence(nnx.Module):
+  """CA: c_k(a, t) = MLP([t^k ; a^k]), Linear 2d->4d, ReLU, Linear 4d->1, shared over k."""
+
+  def __init__(self, factor_dim: int, *, rngs: nnx.Rngs):
+    self.linear1 = nnx.Linear(2 * factor_dim, 4 * factor_dim, rngs=rngs)
+    self.linear2 = nnx.Linear(4 * factor_dim, 1, rngs=rngs)
+
+
+class Dcr(nnx.Module):
+  """DCR factors and their confidence module."""
+
+  def __init__(self, cfg: HeadsConfig, *, rngs: nnx.Rngs):
+    d = cfg.embed_dim // cfg.num_factors
+    if cfg.dcr_linear:
+      self.audio_linear = nnx.Linear(cfg.embed_dim, cfg.embed_dim, rngs=rngs)
+      self.text_linear = nnx.Linear(cfg.embed_dim, cfg.embed_dim, rngs=rngs)
+    self.confidence = Confidence(d, rngs=rngs)
+
+
+class HadeHeads(nnx.Module):
+  """Everything of HADE that sits on top of the encoders' outputs."""
+
+  def __init__(self, cfg: HeadsConfig, *, audio_global_dim: int, audio_stage_dims: tuple[int, ...],
+               text_dim: int, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.audio_projection = Projection(audio_global_dim, cfg.embed_dim, cfg.projection, rngs=rngs)
+    self.text_projection = Projection(text_dim, cfg.embed_dim, cfg.projection, rngs=rngs)
+    if cfg.use_tha:
+      self.tha = nnx.List([ThaLevel(audio_stage_dims[h - 1], text_dim, cfg, rngs=rngs)
+                           for h, _ in cfg.levels])
+      if cfg.learn_level_weights:
+        self.level_logits = nnx.Param(jnp.zeros((len(cfg.levels),), jnp.float32))
+    if cfg.use_dcr:
+      self.dcr = Dcr(cfg, rngs=rngs)
+    # CLIP-style learnable temperature, stored as log(1 / tau).
+    self.logit_scale = nnx.Param(jnp.asarray(math.log(1.0 / cfg.temperature_init), jnp.float32))
+
+  # -- per-modality features -------------------------------------------------------------------
+
+  def _factors(self, g_BxD: jax.Array, linear: nnx.Linear | None) -> jax.Array:
+    if linear is not None:
+      g_BxD = linear(g_BxD)
+    k = self.cfg.num_factors
+    return g_BxD.reshape(*g_BxD.shape[:-1], k, g_BxD.shape[-1] // k)
+
+  def audio_features(self, pooled_AxC: jax.Array, frames: tuple[jax.Array, ...],
+                     frame_masks: tuple[jax.Array, ...] | None = None,
+                     rngs: nnx.Rngs | None = None) -> AudioFeatures:
+    """Features of audio-tower outputs: pooled [A, C] and per-stage frames [A, N_h, C_h]."""
+    cfg = self.cfg
+    pooled_AxC = layers.dropout(pooled_AxC, cfg.dropout, rngs)
+    g_AxD = self.audio_projection(pooled_AxC)
+    levels, masks, logits = [], [], []
+    if cfg.use_tha:
+      for (h, _), level in zip(cfg.levels, self.tha, strict=True):
+        x_AxNxC = frames[h - 1]
+        mask_AxN = (jnp.ones(x_AxNxC.shape[:2], bool) if frame_masks is None
+                    else frame_masks[h - 1])
+        x_AxNxD = level.audio_proj(layers.dropout(x_AxNxC, cfg.dropout, rngs))
+        if cfg.level_sim == "tokens":
+          logits.append(level.audio_weights(x_AxNxD))
+        else:  # HiT: one pooled vector per clip.
+          x_AxNxD = masked_mean(x_AxNxD, mask_AxN)[:, None]
+          mask_AxN = jnp.ones(x_AxNxD.shape[:2], bool)
+          logits.append(jnp.zeros(x_AxNxD.shape[:2], x_AxNxD.dtype))
+        levels.append(normalize(x_AxNxD))
+        masks.append(mask_AxN)
+    factors = None
+    if cfg.use_dcr:
+      factors = self._factors(g_AxD, self.dcr.audio_linear if cfg.dcr_linear else None)
+    return AudioFeatures(g_AxD, tuple(levels), tuple(masks), tuple(logits), factors)
+
+  def text_features(self, hidden_states: tuple[jax.Array, ...], pooled_TxC: jax.Array | None,
+                    mask_TxM: jax.Array, rngs: nnx.Rngs | None = None) -> TextFeatures:
+    """Features of text-tower outputs: every block's states [T, M, C] (index 0 = embeddings)."""
+    cfg = self.cfg
+    mask_TxM = mask_TxM.astype(bool)
+    last_TxMxC = hidden_states[-1]
+    if cfg.text_pool == "pooler":
+      g_TxC = pooled_TxC
+    elif cfg.text_pool == "cls":
+      g_TxC = last_TxMxC[:, 0]
+    else:
+      g_TxC = masked_mean(last_TxMxC, mask_TxM)
+    g_TxD = self.text_projection(layers.dropout(g_TxC, cfg.dropout, rngs))
+    levels, masks, logits = [], [], []
+    if cfg.use_tha:
+      for (_, l), level in zip(cfg.levels, self.tha, strict=True):
+        x_TxMxD = level.text_proj(layers.dropout(hidden_states[l], cfg.dropout, rngs))
+        if cfg.level_sim == "tokens":
+          m_TxM = mask_TxM
+          logits.append(level.text_weights(x_TxMxD))
+        else:
+          if cfg.text_level_pool == "cls":
+            x_TxMxD = x_TxMxD[:, :1]
+          else:
+            x_TxMxD = masked_mean(x_TxMxD, mask_TxM)[:, None]
+          m_TxM = jnp.ones(x_TxMxD.shape[:2], bool)
+          logits.append(jnp.zeros(x_TxMxD.shape[:2], x_TxMxD.dtype))
+        levels.append(normalize(x_TxMxD))
+        masks.append(m_TxM)
+    factors = None
+    if cfg.use_dcr:
+      factors = self._factors(g_TxD, self.dcr.text_linear if cfg.dcr_linear else None)
+    return TextFeatures(g_TxD, tuple(levels), tuple(masks), tuple(logits), factors)
+
+  # -- pairwise scores -------------------------------------------------------------------------
+
+  def level_weights(self) -> jax.Array:
+    n = len(self.cfg.levels)
+    if self.cfg.learn_level_weights:
+      return jax.nn.softmax(self.level_logits[...])
+    return jnp.full((n,), 1.0 / n, jnp.float32)
+
+  def score(self, a: AudioFeatures, t: TextFeatures) -> dict[str, jax.Array]:
+    """All-pairs scores: 'total' [A, T] plus each term ('global', 'tha', 'levels', 'dcr')."""
+    cfg = self.cfg
+    out: dict[str, jax.Array] = {}
+    num_a, num_t = a.global_AxD.shape[0], t.global_TxD.shape[0]
+    total_AxT = jnp.zeros((num_a, num_t), jnp.float32)
+    glob_AxT = jnp.einsum("ad,td->at", normalize(a.global_AxD), normalize(t.global_TxD))
+    out["global"] = glob_AxT
+    if cfg.use_global:
+      total_AxT = total_AxT + cfg.global_weight * glob_AxT
+    if cfg.use_tha:
+      per_level = [level_similarity(*args, cfg.level_sim) for args in zip(
+          a.levels, a.level_masks, a.level_logits, t.levels, t.level_masks, t.level_logits,
+          strict=True)]
+      levels_LxAxT = jnp.stack(per_level)
+      tha_AxT = jnp.einsum("l,lat->at", self.level_weights(), levels_LxAxT)
+      out["levels"], out["tha"] = levels_LxAxT, tha_AxT
+      total_AxT = total_AxT + tha_AxT
+    if cfg.use_dcr:
+      dcr_AxT, conf_AxTxK = self.dcr_score(a.factors_AxKxd, t.factors_TxKxd)
+      out["dcr"], out["confidence"] = dcr_AxT, conf_AxTxK
+      total_AxT = total_AxT + cfg.dcr_weight * dcr_AxT
+    out["total"] = total_AxT
+    return out
+
+  def dcr_score(self, a_AxKxd: jax.Array, t_TxKxd: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """S_DCR = sum_k c_k(a, t) cos(t^k, a^k) for all pairs; returns (S [A,T], c [A,T,K])."""
+    a_AxKxd, t_TxKxd = normalize(a_AxKxd), normalize(t_TxKxd)
+    cos_AxTxK = jnp.einsum("akd,tkd->atk", a_AxKxd, t_TxKxd)
+    # Linear(2d -> 4d) on [t^k ; a^k] is W_t t^k + W_a a^k + b: apply each half per modality
+    # and broadcast over pairs, instead of materialising the [A, T, K, 2d] concatenation.
+    conf = self.dcr.confidence
+    d = a_AxKxd.shape[-1]
+    w1_2dxH = conf.linear1.kernel[...]
+    h_TxKxH = jnp.einsum("tkd,dh->tkh", t_TxKxd, w1_2dxH[:d])
+    h_AxKxH = jnp.einsum("akd,dh->akh", a_AxKxd, w1_2dxH[d:])
+    h_AxTxKxH = jax.nn.relu(h_AxKxH[:, None] + h_TxKxH[None] + conf.linear1.bias[...])
+    c_AxTxK = (jnp.einsum("atkh,h->atk", h_AxTxKxH, conf.linear2.kernel[...][:, 0])
+               + conf.linear2.bias[...][0])
+    if self.cfg.confidence_norm == "softmax":
+      c_AxTxK = jax.nn.softmax(c_AxTxK, axis=-1)
+    elif self.cfg.confidence_norm == "sigmoid":
+      c_AxTxK = jax.nn.sigmoid(c_AxTxK)
+    return jnp.einsum("atk,atk->at", c_AxTxK, cos_AxTxK), c_AxTxK
+
+  def logit_scale_value(self) -> jax.Array:
+    return jnp.exp(jnp.minimum(self.logit_scale[...], math.log(self.cfg.max_logit_scale)))
+
+
+def level_similarity(a_AxNxD, amask_AxN, alogit_AxN, t_TxMxD, tmask_TxM, tlogit_TxM,
+                     kind: str) -> jax.Array:
+  """One THA level s_k for all pairs (inputs already L2-normalised).
+
+  'tokens' (DRL's weighted token-wise interaction):
+    s = 1/2 [ sum_i w^t_i max_j cos(t_i, a_j) + sum_j w^a_j max_i cos(t_i, a_j) ],
+  with w = softmax of the token logits over valid tokens; invalid tokens never win a max.
+  'pooled' (HiT): one token per side, s = cos.
+  """
+  if kind == "pooled":
+    return jnp.einsum("ad,td->at", a_AxNxD[:, 0], t_TxMxD[:, 0])
+  neg = jnp.asarray(-1e4, a_AxNxD.dtype)
+  cos_AxTxMxN = jnp.einsum("and,tmd->atmn", a_AxNxD, t_TxMxD)
+  t2a_AxTxM = jnp.max(jnp.where(amask_AxN[:, None, None, :], cos_AxTxMxN, neg), axis=-1)
+  a2t_AxTxN = jnp.max(jnp.where(tmask_TxM[None, :, :, None], cos_AxTxMxN, neg), axis=-2)
+  wt_TxM = jax.nn.softmax(jnp.where(tmask_TxM, tlogit_TxM, -jnp.inf), axis=-1)
+  wa_AxN = jax.nn.softmax(jnp.where(amask_AxN, alogit_AxN, -jnp.inf), axis=-1)
+  t_part = jnp.einsum("atm,tm->at", jnp.where(tmask_TxM[None], t2a_AxTxM, 0.0), wt_TxM)
+  a_part = jnp.einsum("atn,an->at", jnp.where(amask_AxN[:, None], a2t_AxTxN, 0.0), wa_AxN)
+  return 0.5 * (t_part + a_part)
