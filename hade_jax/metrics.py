@@ -1,0 +1,137 @@
+"""Retrieval metrics as the audio-text retrieval community reports them (HADE.md section 8).
+
+Pure numpy. Inputs: a score matrix `scores_AxT` (clips x captions, higher = better) and, for
+every caption, the index of its clip (`caption_clip_T`).
+
+Tie rule: rank = 1 + the number of STRICTLY greater scores among the candidates that are not
+ground truth (ties resolve in favour of the ground truth; several ground-truth captions of one
+clip never push each other down). AudioCaps' test set has identical captions on different
+clips, so ties do occur; this rule is stated in every result.
+
+Text-to-audio (T2A): each caption queries all clips; one ground-truth clip.
+  R@k = fraction of captions whose clip ranks <= k; mAP@10 = mean of 1/rank if rank <= 10.
+Audio-to-text (A2T): each clip queries all captions; its ground truth is its captions.
+  R@k uses the best-ranked ground-truth caption; mAP@10 = sum_j (j / rank_j) over the
+  ground-truth captions ranked <= 10 (j = 1, 2, ... in rank order), divided by the number of
+  ground-truth captions (5 on Clotho and AudioCaps). "True recall" (DCASE 2023) counts the
+  found fraction of the ground-truth captions in the top k.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TIE_RULE = ("rank = 1 + number of non-ground-truth candidates with a strictly greater score "
+            "(ties favour the ground truth)")
+KS = (1, 5, 10)
+
+
+def t2a_ranks(scores_AxT: np.ndarray, caption_clip_T: np.ndarray) -> np.ndarray:
+  """[T] rank of each caption's clip among all clips."""
+  scores_AxT = np.asarray(scores_AxT)
+  caption_clip_T = np.asarray(caption_clip_T)
+  gt_T = scores_AxT[caption_clip_T, np.arange(scores_AxT.shape[1])]
+  return 1 + (scores_AxT > gt_T[None, :]).sum(0)
+
+
+def a2t_gt_ranks(scores_AxT: np.ndarray, caption_clip_T: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Ranks of every ground-truth caption of every clip, sorted ascending.
+
+  Returns (ranks_AxG, valid_AxG): G = the largest number of captions of a clip; entries past a
+  clip's own number of captions are invalid (ranks set to a large value).
+  """
+  scores_AxT = np.asarray(scores_AxT)
+  caption_clip_T = np.asarray(caption_clip_T)
+  num_a, num_t = scores_AxT.shape
+  is_gt_AxT = caption_clip_T[None, :] == np.arange(num_a)[:, None]
+  counts_A = is_gt_AxT.sum(1)
+  g = int(counts_A.max()) if num_a else 0
+  ranks_AxG = np.full((num_a, g), np.iinfo(np.int64).max // 2, np.int64)
+  neg_AxT = np.where(is_gt_AxT, -np.inf, scores_AxT)
+  for a in range(num_a):  # a loop over clips, each vectorised over its captions
+    gt_scores = np.sort(scores_AxT[a, is_gt_AxT[a]])[::-1]
+    # j-th ground truth (1-based) sits after the j-1 better ground truths and after every
+    # non-ground-truth caption scoring strictly more.
+    beaten = (neg_AxT[a][None, :] > gt_scores[:, None]).sum(1)
+    ranks_AxG[a, : len(gt_scores)] = np.arange(1, len(gt_scores) + 1) + beaten
+  valid_AxG = np.arange(g)[None, :] < counts_A[:, None]
+  return ranks_AxG, valid_AxG
+
+
+def _summary(prefix: str, per_query: dict[str, np.ndarray]) -> dict[str, float]:
+  return {f"{prefix}/{k}": float(np.mean(v)) for k, v in per_query.items()}
+
+
+def per_query_metrics(scores_AxT: np.ndarray, caption_clip_T: np.ndarray, *,
+                      true_recall: bool = False) -> dict[str, dict[str, np.ndarray]]:
+  """Per-query values whose means are the reported metrics (percent for R and mAP)."""
+  caption_clip_T = np.asarray(caption_clip_T)
+  r_T = t2a_ranks(scores_AxT, caption_clip_T)
+  t2a = {f"R@{k}": 100.0 * (r_T <= k) for k in KS}
+  t2a["mAP@10"] = 100.0 * np.where(r_T <= 10, 1.0 / r_T, 0.0)
+  t2a["rank"] = r_T.astype(np.float64)
+
+  ranks_AxG, valid_AxG = a2t_gt_ranks(scores_AxT, caption_clip_T)
+  best_A = ranks_AxG[:, 0]
+  a2t = {f"R@{k}": 100.0 * (best_A <= k) for k in KS}
+  n_gt_A = valid_AxG.sum(1)
+  j_AxG = np.arange(1, ranks_AxG.shape[1] + 1)[None, :]
+  hit_AxG = valid_AxG & (ranks_AxG <= 10)
+  prec_AxG = np.where(hit_AxG, j_AxG / np.maximum(ranks_AxG, 1), 0.0)
+  a2t["mAP@10"] = 100.0 * prec_AxG.sum(1) / np.maximum(n_gt_A, 1)
+  a2t["rank"] = best_A.astype(np.float64)
+  if true_recall:
+    for k in KS:
+      a2t[f"trueR@{k}"] = 100.0 * (valid_AxG & (ranks_AxG <= k)).sum(1) / np.maximum(n_gt_A, 1)
+  return {"t2a": t2a, "a2t": a2t}
+
+
+def retrieval_metrics(scores_AxT: np.ndarray, caption_clip_T: np.ndarray, *,
+                      true_recall: bool = False, intervals: bool = False) -> dict[str, float]:
+  """Flat dict: 't2a/R@1' ... 't2a/mAP@10', 't2a/median_rank', 't2a/mean_rank', same for a2t.
+
+  With `intervals`, each metric also gets '<name>/ci95' = half-width of a jackknife 95%
+  interval over the queries.
+  """
+  per = per_query_metrics(scores_AxT, caption_clip_T, true_recall=true_recall)
+  out: dict[str, float] = {}
+  for direction, values in per.items():
+    ranks = values.pop("rank")
+    out |= _summary(direction, values)
+    out[f"{direction}/median_rank"] = float(np.median(ranks))
+    out[f"{direction}/mean_rank"] = float(np.mean(ranks))
+    if intervals:
+      for name, v in values.items():
+        out[f"{direction}/{name}/ci95"] = jackknife_ci95(v, np.mean)
+      out[f"{direction}/median_rank/ci95"] = jackknife_ci95(ranks, np.median)
+      out[f"{direction}/mean_rank/ci95"] = jackknife_ci95(ranks, np.mean)
+  return out
+
+
+def jackknife_ci95(values: np.ndarray, statistic=np.mean) -> float:
+  """Half-width of the 95% jackknife (leave-one-query-out) normal interval of `statistic`."""
+  values = np.asarray(values, np.float64)
+  n = len(values)
+  if n < 2:
+    return float("nan")
+  if statistic is np.mean:  # closed form of the leave-one-out means
+    loo = (values.sum() - values) / (n - 1)
+  else:
+    loo = np.array([statistic(np.delete(values, i)) for i in range(n)])
+  var = (n - 1) / n * np.sum((loo - loo.mean()) ** 2)
+  return float(1.96 * np.sqrt(var))
+
+
+def format_table(metrics: dict[str, float]) -> str:
+  """A two-row table (T2A, A2T) of R@1/5/10, mAP@10 and ranks for the console or README."""
+  cols = ["R@1", "R@5", "R@10", "mAP@10", "median_rank", "mean_rank"]
+  lines = ["| direction | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+  for direction in ("t2a", "a2t"):
+    cells = []
+    for c in cols:
+      v = metrics.get(f"{direction}/{c}")
+      ci = metrics.get(f"{direction}/{c}/ci95")
+      cells.append("-" if v is None else f"{v:.2f}" + (f" ± {ci:.2f}" if ci is not None else ""))
+    lines.append(f"| {direction.upper()} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
