@@ -43,7 +43,8 @@ def make_heads(cfg, seed=0):
 def encoder_outputs(seed=0, lengths=(7, 3, 5, 1, 6, 2)):
   rng = np.random.default_rng(seed)
   pooled = rng.normal(size=(A, STAGE_DIMS[-1])).astype(np.float32)
-  frames = tuple(rng.normal(size=(A, n, c)).astype(np.float32) for n, c in zip(FRAMES, STAGE_DIMS))
+  frames = tuple(rng.normal(size=(A, n, c)).astype(np.float32)
+                 for n, c in zip(FRAMES, STAGE_DIMS, strict=True))
   hidden = tuple(rng.normal(size=(T, M, TEXT_DIM)).astype(np.float32)
                  for _ in range(NUM_BLOCKS + 1))
   mask = (np.arange(M)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
