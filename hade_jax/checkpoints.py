@@ -1,0 +1,122 @@
+"""Orbax checkpoints that resume exactly: train state + Grain iterator state + resolved config.
+
+Layout of a workdir:
+  checkpoints/<step>/{state, data, config}   the last `keep` steps (every process writes)
+  best/<step>/{state, config}                the best step by the validation metric
+
+Resume order (trainer.train_and_evaluate): an existing checkpoint in the workdir, then
+`config.init.resume` (a checkpoint directory), then pretrained imports, then scratch.
+A damaged newest checkpoint is skipped with a warning in favour of the newest valid one; the
+run never silently starts from scratch while checkpoints exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+import grain.python as grain
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpoints:
+  """The last-N manager and the best-by-metric manager of one workdir."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, keep: int, best_metric: str | None,
+               best_mode: str = "max"):
+    workdir = pathlib.Path(workdir).absolute()
+    self.best_metric = best_metric
+    self.last = ocp.CheckpointManager(
+        workdir / "checkpoints",
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_names=("state", "data", "config"))
+    self.best = None
+    if best_metric:
+      self.best = ocp.CheckpointManager(
+          workdir / "best",
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=1, create=True, best_mode=best_mode,
+              best_fn=lambda m: m[best_metric], keep_checkpoints_without_metrics=False),
+          item_names=("state", "config"))
+
+  def save(self, step: int, state: Any, data_iter: Any, config: dict, *, force: bool = False):
+    args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
+    if data_iter is not None:
+      args["data"] = grain.PyGrainCheckpointSave(data_iter)
+    self.last.save(step, args=ocp.args.Composite(**args), force=force)
+
+  def save_best(self, step: int, state: Any, config: dict, metrics: dict[str, float]) -> bool:
+    """Offers `step` to the best manager; returns True when it became the best."""
+    if self.best is None or self.best_metric not in metrics:
+      return False
+    previous = self.best.best_step()
+    self.best.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)),
+        metrics={k: float(v) for k, v in metrics.items()})
+    self.best.wait_until_finished()
+    return self.best.best_step() != previous and self.best.best_step() == step
+
+  def latest_step(self) -> int | None:
+    return self.last.latest_step()
+
+  def restore_latest(self, abstract_state: Any, data_iter: Any) -> tuple[int, Any, Any] | None:
+    """Restores the newest readable checkpoint; older ones are tried if the newest is damaged."""
+    steps = sorted(self.last.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+          args["data"] = grain.PyGrainCheckpointRestore(data_iter)
+        restored = self.last.restore(step, args=ocp.args.Composite(**args))
+      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, loudly
+        log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
+                    step, self.last.directory, type(e).__name__, e)
+        continue
+      if i:
+        log.warning("resumed from step %d, not the newest step %d", step, steps[0])
+      return step, restored["state"], restored.get("data")
+    if steps:
+      raise RuntimeError(f"none of the checkpoints {steps} in {self.last.directory} could be "
+                         "read; refusing to restart from scratch over them")
+    return None
+
+  def wait(self):
+    self.last.wait_until_finished()
+    if self.best is not None:
+      self.best.wait_until_finished()
+
+  def close(self):
+    self.last.close()
+    if self.best is not None:
+      self.best.close()
+
+
+def restore_state(directory: str | pathlib.Path, abstract_state: Any) -> tuple[int, Any]:
+  """Restores only the train state from a checkpoint directory (`.../checkpoints` or `best`,
+  or one step directory inside them)."""
+  directory = pathlib.Path(directory).absolute()
+  if (directory / "state").is_dir():  # one step directory
+    step = int(directory.name)
+    directory = directory.parent
+  else:
+    step = None
+  with ocp.CheckpointManager(directory, item_names=("state", "data", "config")) as mngr:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}")
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+  return step, restored["state"]
+
+
+def read_config(directory: str | pathlib.Path) -> dict:
+  """The resolved config saved with a checkpoint step directory (`<dir>/<step>/config`)."""
+  directory = pathlib.Path(directory)
+  candidates = sorted(directory.glob("config/*.json")) or sorted(directory.glob("*/config/*.json"))
+  if not candidates:
+    raise FileNotFoundError(f"no saved config under {directory}")
+  return json.loads(candidates[-1].read_text())

@@ -1,0 +1,100 @@
+"""Sharding is data: a mesh from the config and ordered regex rules over parameter paths.
+
+A mesh is `[('data', -1), ('fsdp', 1)]` (-1 = all remaining devices). Parameter rules are
+`(regex, spec)` pairs matched in order against '/'-joined parameter paths; the first match wins.
+A spec is a tuple of mesh-axis names / None per array dimension, or one of the strings
+  'replicate'  every device holds the whole array;
+  'fsdp'       shard the largest dimension divisible by the 'fsdp' axis size over 'fsdp'
+               (replicate when none divides), as big_vision's FSDP rule.
+Batches are sharded over all mesh axes along their leading dimension.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a mesh from `[(name, size), ...]`; one size may be -1 (the rest of the devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  names = [str(a) for a, _ in axes]
+  sizes = [int(s) for _, s in axes]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh {list(axes)}: at most one axis may have size -1")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if known <= 0 or len(devices) % known:
+    raise ValueError(f"config.mesh {list(axes)} does not divide the {len(devices)} available "
+                     f"devices")
+  sizes = [len(devices) // known if s == -1 else s for s in sizes]
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"config.mesh {list(axes)} -> sizes {sizes} use {int(np.prod(sizes))} "
+                     f"devices, but {len(devices)} are available")
+  return Mesh(np.asarray(devices).reshape(sizes), names)
+
+
+def spec_for(path: str, shape: tuple[int, ...], rules: Sequence[tuple[str, object]],
+             mesh: Mesh) -> P:
+  """The PartitionSpec of one parameter by the first matching rule."""
+  for pattern, spec in rules:
+    if re.search(pattern, path):
+      if spec == "replicate" or spec is None:
+        return P()
+      if spec == "fsdp":
+        n = mesh.shape.get("fsdp", 1)
+        if n == 1:
+          return P()
+        dims = sorted(range(len(shape)), key=lambda i: -shape[i])
+        for i in dims:
+          if shape[i] % n == 0:
+            axes = [None] * len(shape)
+            axes[i] = "fsdp"
+            return P(*axes)
+        return P()
+      spec = tuple(spec)
+      if len(spec) != len(shape):
+        raise ValueError(f"sharding rule {pattern!r} -> {spec} has {len(spec)} axes but "
+                         f"parameter {path} has shape {shape}")
+      return P(*spec)
+  return P()
+
+
+def state_shardings(state: nnx.State, rules: Sequence[tuple[str, object]], mesh: Mesh):
+  """NamedShardings for every leaf of an nnx.State (or any pytree of arrays/Variables)."""
+  def one(path, leaf):
+    name = "/".join(_key_str(k) for k in path)
+    shape = tuple(getattr(leaf, "shape", ()))
+    return NamedSharding(mesh, spec_for(name, shape, rules, mesh))
+
+  return jax.tree_util.tree_map_with_path(one, state)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  return NamedSharding(mesh, P(axes))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles process-local batches into global arrays sharded along the batch axes."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def _key_str(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)

@@ -1,0 +1,371 @@
+"""Training loop: `train_and_evaluate(config, workdir)`.
+
+One function cut into labelled sections, in the order they run:
+  mesh -> data -> model & optimizer -> shard & init -> restore -> step -> evals -> loop.
+
+Resume order (first that applies):
+  1. a checkpoint in `workdir/checkpoints` (state + Grain iterator: the run continues exactly);
+  2. `config.init.resume` (a checkpoint directory: state only, data order starts afresh);
+  3. pretrained imports named in `config.init` (text tower, audio tower, ClapModel);
+  4. scratch (`config.seed`).
+
+Legend: B: global batch, S: samples, M: words.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from hade_jax import (
+    checkpoints,
+    data,
+    hade,
+    input_pipeline,
+    losses,
+    metrics,
+    optim,
+    retrieval,
+    sharding,
+)
+
+log = logging.getLogger("hade_jax")
+
+
+class NonFiniteError(FloatingPointError):
+  """A loss or gradient became NaN/Inf."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model construction (shared with eval / search).
+
+
+def model_config(config: ml_collections.ConfigDict) -> hade.HadeConfig:
+  cfg = hade.HadeConfig.from_config(config.model.to_dict())
+  dtype = config.get("compute_dtype", "float32")
+  if dtype != "float32":
+    cfg = dataclasses.replace(cfg, audio=dataclasses.replace(cfg.audio, dtype=dtype),
+                              text=dataclasses.replace(cfg.text, dtype=dtype))
+  return cfg
+
+
+def split_model(model: hade.HadeModel):
+  """(graphdef, params, rest): params train, rest (batch-norm statistics) does not."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+def import_pretrained(model: hade.HadeModel, init: ml_collections.ConfigDict) -> list[str]:
+  """Pretrained imports named in config.init, in place; returns the reports."""
+  from hade_jax.convert import bert as convert_bert
+  from hade_jax.convert import clap as convert_clap
+  from hade_jax.convert import common
+  from hade_jax.convert import htsat as convert_htsat
+
+  reports = []
+  if init.get("clap"):
+    reports.append(str(convert_clap.import_clap(model, init.clap)))
+  if init.get("audio_tower"):
+    _, state = common.load_hf_folder(init.audio_tower)
+    reports.append(str(convert_htsat.import_htsat(model.audio_encoder, state, prefix=None)))
+  if init.get("text_tower"):
+    _, state = common.load_hf_folder(init.text_tower)
+    reports.append(str(convert_bert.import_bert(model.text_encoder, state, prefix=None)))
+  return reports
+
+
+# ---------------------------------------------------------------------------------------------
+# The jitted steps.
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses.LossConfig,
+                    spec_augment: bool, base_rng: jax.Array):
+  """A pure function (state, batch) -> (state, metrics), compiled once by the caller."""
+
+  def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
+    rng = jax.random.fold_in(base_rng, state["step"])
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, state["rest"])
+      rngs = nnx.Rngs(dropout=rng)
+      transform = None
+      if spec_augment:
+        transform = functools.partial(input_pipeline.apply_spec_augment,
+                                      specaug_time=batch["specaug_time"],
+                                      specaug_freq=batch["specaug_freq"])
+      a = model.encode_audio(batch["audio"], rngs=rngs, mel_transform=transform)
+      t = model.encode_text(batch["input_ids"], batch["attention_mask"], rngs=rngs)
+      return losses.hade_loss(model.heads, a, t, batch["clip_id"], loss_cfg)
+
+    (_, step_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    step_metrics["grad_norm"] = optax.global_norm(grads)
+    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+    return new_state, step_metrics
+
+  return train_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation on a split.
+
+
+def evaluate_split(model: hade.HadeModel, split: data.EvalSplit, *, batch_size: int, tile: int
+                   ) -> dict[str, float]:
+  """Retrieval metrics of `model` on an evaluation split (all clips x all captions)."""
+  enc = retrieval.Encoder(model)
+  audio = enc.audio(split.waves, batch_size)
+  text = enc.text(split.input_ids, split.attention_mask, batch_size)
+  scores_AxT = enc.score(audio, text, tile=tile)
+  return metrics.retrieval_metrics(scores_AxT, split.caption_clip)
+
+
+def rsum(m: dict[str, float], prefix: str) -> dict[str, float]:
+  out = {}
+  for d in ("t2a", "a2t"):
+    out[f"{prefix}/{d}/R@1+R@5+R@10"] = sum(m[f"{d}/R@{k}"] for k in (1, 5, 10))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+                       ) -> dict[str, float]:
+  """Trains per `config` in `workdir`, resuming whatever is there; returns the final metrics."""
+  workdir = pathlib.Path(workdir).expanduser().absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_main = jax.process_index() == 0
+  config_dict = config.to_dict()
+
+  # == Mesh ===================================================================================
+  mesh = sharding.make_mesh(config.mesh)
+  batch_axes = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape]))
+  if config.batch_size % batch_axes:
+    raise ValueError(f"config.batch_size={config.batch_size} does not divide over the "
+                     f"{batch_axes} devices of the mesh's data x fsdp axes {dict(mesh.shape)}")
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size={config.batch_size} does not divide over "
+                     f"{jax.process_count()} processes")
+  local_batch = config.batch_size // jax.process_count()
+
+  # == Data ===================================================================================
+  cfg = model_config(config)
+  source = data.open_dataset(config, cfg.mel.sample_rate)
+  steps_per_epoch = max(1, source.num_train_clips // config.batch_size)
+  total_steps = (config.total_steps if config.total_steps > 0
+                 else int(math.ceil(config.num_epochs * steps_per_epoch)))
+  warmup_steps = int(round(config.optim.warmup_epochs * steps_per_epoch))
+  train_iter = data.train_iterator(config, source, cfg, local_batch)
+
+  # == Model & optimizer ======================================================================
+  def create_model():
+    return hade.HadeModel(cfg, rngs=nnx.Rngs(config.seed))
+
+  abstract_model = nnx.eval_shape(create_model)
+  graphdef, abstract_params, _ = split_model(abstract_model)
+  tx = optim.make(
+      abstract_params, groups=config.optim.groups, lr=config.optim.lr.to_dict(),
+      weight_decay=config.optim.weight_decay.to_dict(), frozen=tuple(config.optim.frozen),
+      total_steps=total_steps, warmup_steps=warmup_steps, clip_norm=config.optim.clip_norm,
+      b1=config.optim.b1, b2=config.optim.b2, end_factor=config.optim.end_factor,
+      accum_steps=config.optim.accum_steps)
+
+  def init_state(model):
+    _, params, rest = split_model(model)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
+            "opt_state": tx.init(params)}
+
+  # == Shard & init ===========================================================================
+  abstract_state = jax.eval_shape(lambda: init_state(create_model()))
+  state_sharding = sharding.state_shardings(abstract_state, config.sharding_rules, mesh)
+  # Parameters are created already sharded: the init runs under jit with out_shardings.
+  init_from_scratch = jax.jit(lambda: init_state(create_model()), out_shardings=state_sharding)
+
+  # == Restore ================================================================================
+  ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints,
+                                 best_metric=config.best_metric or None)
+  restored = ckpt.restore_latest(abstract_state, train_iter.checkpointable)
+  if restored is not None:
+    start_step, state, _ = restored
+    state = jax.device_put(state, state_sharding)
+    log.info("resumed from %s at step %d", ckpt.last.directory, start_step)
+  elif config.init.resume:
+    start_step, state = checkpoints.restore_state(config.init.resume, abstract_state)
+    state = jax.device_put(dict(state, step=jnp.zeros((), jnp.int32)), state_sharding)
+    start_step = 0
+    log.info("initialised from checkpoint %s", config.init.resume)
+  else:
+    start_step = 0
+    state = init_from_scratch()
+    if any(config.init.get(k) for k in ("clap", "audio_tower", "text_tower")):
+      model = nnx.merge(graphdef, jax.device_get(state["params"]), jax.device_get(state["rest"]))
+      for report in import_pretrained(model, config.init):
+        log.info("%s", report)
+      state = jax.device_put(init_state(model), state_sharding)
+  train_iter.start()
+
+  # == Step ===================================================================================
+  base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  loss_cfg = losses.LossConfig(**config.loss.to_dict())
+  step_fn = jax.jit(
+      make_train_step(graphdef, tx, loss_cfg, bool(config.data.spec_augment), base_rng),
+      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+
+  # == Evals ==================================================================================
+  writer = MetricWriter(workdir) if is_main else None
+  eval_split = None
+
+  def run_eval(step: int, state) -> dict[str, float]:
+    nonlocal eval_split
+    if eval_split is None:
+      eval_split = data.eval_split(config, source, config.data.eval_split, cfg,
+                                   max_clips=config.eval_max_clips)
+    model = nnx.merge(graphdef, state["params"], state["rest"])
+    m = evaluate_split(model, eval_split, batch_size=config.eval_batch_size,
+                       tile=config.eval_tile)
+    out = {f"val/{k}": v for k, v in m.items()} | rsum(m, "val")
+    if writer:
+      writer.write(step, out)
+      log.info("step %d validation (%d clips):\n%s", step, len(eval_split.waves),
+               metrics.format_table(m))
+    return out
+
+  # == Loop ===================================================================================
+  step = start_step
+  pending = None  # metrics of the previous step, read one step late
+  timer = Timer(step)
+  lr_fn = functools.partial(optim.learning_rates, config.optim.lr.to_dict(), total_steps,
+                            warmup_steps, end_factor=config.optim.end_factor)
+  resolved = dict(config_dict, total_steps_resolved=total_steps)
+  last_val: dict[str, float] = {}
+  with mesh:
+    while step < total_steps:
+      batch = sharding.global_batch(next(train_iter), mesh)
+      state, step_metrics = step_fn(state, batch)
+      step += 1
+      if pending is not None:
+        _report(pending, writer, timer, total_steps, config, lr_fn)
+      pending = (step, step_metrics)
+      if step % config.checkpoint_every_steps == 0 or step == total_steps:
+        _report(pending, writer, timer, total_steps, config, lr_fn, force=True)
+        pending = None
+        ckpt.save(step, state, train_iter.checkpointable, resolved)
+      if (config.eval_every_steps and step % config.eval_every_steps == 0) or step == total_steps:
+        ckpt.wait()
+        last_val = run_eval(step, state)
+        if ckpt.save_best(step, state, resolved, last_val):
+          log.info("step %d is the new best by %s = %.2f", step, config.best_metric,
+                   last_val[config.best_metric])
+  if pending is not None:
+    _report(pending, writer, timer, total_steps, config, lr_fn, force=True)
+  ckpt.wait()
+  final = dict(last_val)
+
+  # Final evaluation of the best checkpoint on the test split.
+  if config.final_eval_split and config.final_eval_split in source.splits:
+    best_dir = workdir / "best"
+    if ckpt.best is not None and ckpt.best.latest_step() is not None:
+      _, best_state = checkpoints.restore_state(best_dir, abstract_state)
+    else:
+      best_state = state
+    split = data.eval_split(config, source, config.final_eval_split, cfg)
+    model = nnx.merge(graphdef, best_state["params"], best_state["rest"])
+    m = evaluate_split(model, split, batch_size=config.eval_batch_size, tile=config.eval_tile)
+    final |= {f"test/{k}": v for k, v in m.items()}
+    if writer:
+      writer.write(step, {f"test/{k}": v for k, v in m.items()})
+      (workdir / "test_metrics.json").write_text(json.dumps(
+          {"split": config.final_eval_split, "clips": split.clip_names,
+           "tie_rule": metrics.TIE_RULE, "metrics": m}, indent=2))
+      log.info("test split %r (%d clips, %d captions), best checkpoint:\n%s",
+               config.final_eval_split, len(split.waves), len(split.caption_clip),
+               metrics.format_table(m))
+  ckpt.close()
+  if writer:
+    writer.close()
+  return final
+
+
+def _report(pending, writer, timer: Timer, total_steps: int, config, lr_fn,
+            force: bool = False):
+  """Host side of a step, one step late: NaN check, console line, metric files."""
+  step, m = pending
+  m = {k: float(v) for k, v in jax.device_get(m).items()}
+  if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm")):
+    raise NonFiniteError(f"non-finite loss/gradient between steps {step - 1} and {step}: "
+                         f"loss={m['loss']}, grad_norm={m['grad_norm']}")
+  if not (force or step % config.log_every_steps == 0):
+    return
+  rate = timer.rate(step)
+  eta = (total_steps - step) / rate if rate > 0 else float("nan")
+  m |= {"steps_per_s": rate, "clips_per_s": rate * config.batch_size}
+  m |= lr_fn(step)
+  if writer:
+    terms = " ".join(f"{k}={v:.4f}" for k, v in sorted(m.items()) if k.startswith("loss"))
+    log.info("step %d/%d %s | %.2f steps/s %.1f clips/s | ETA %s", step, total_steps, terms,
+             rate, rate * config.batch_size, _fmt_time(eta))
+    writer.write(step, {f"train/{k}": v for k, v in m.items()})
+
+
+def _fmt_time(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Timer:
+  """Steps per second over the recent window (excludes compilation after the first report)."""
+
+  def __init__(self, step: int):
+    self.step, self.time = step, time.perf_counter()
+
+  def rate(self, step: int) -> float:
+    now = time.perf_counter()
+    r = (step - self.step) / max(now - self.time, 1e-9)
+    self.step, self.time = step, now
+    return r
+
+
+class MetricWriter:
+  """metrics.jsonl + TensorBoard event files (process 0 only)."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+    try:
+      from tensorboardX import SummaryWriter
+
+      self.tb = SummaryWriter(str(workdir / "tensorboard"))
+    except ImportError:  # tensorboardX is an install requirement; tolerate its absence anyway
+      self.tb = None
+
+  def write(self, step: int, values: dict[str, float]):
+    self.jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}})
+                     + "\n")
+    self.jsonl.flush()
+    if self.tb:
+      for k, v in values.items():
+        self.tb.add_scalar(k, float(v), int(step))
+      self.tb.flush()
+
+  def close(self):
+    self.jsonl.close()
+    if self.tb:
+      self.tb.close()
+
