@@ -75,8 +75,7 @@ class HadeModel(nnx.Module):
     self.cfg = cfg
     self.audio_encoder = htsat.HtsatModel(cfg.audio, rngs=rngs)
     self.text_encoder = bert.BertModel(cfg.text, rngs=rngs)
-    # Swin stages double the width after each patch merging.
-    stage_dims = tuple(cfg.audio.hidden_size * 2**i for i in range(len(cfg.audio.depths)))
+    stage_dims = cfg.audio.stage_widths  # Swin stages double the width at each merging.
     self.heads = hade_heads.HadeHeads(
         cfg.heads,
         audio_global_dim=stage_dims[-1],

@@ -42,10 +42,14 @@ class ImportReport:
   loaded: list[str] = dataclasses.field(default_factory=list)
   missing: list[str] = dataclasses.field(default_factory=list)
   unused: list[str] = dataclasses.field(default_factory=list)
+  # Source keys with no model counterpart by design (buffers such as relative_position_index,
+  # num_batches_tracked): not consumed, and not a sign of a mismatch.
+  expected_unused: list[str] = dataclasses.field(default_factory=list)
 
   def __str__(self) -> str:
     lines = [f"imported {len(self.loaded)} tensors from {self.source}"]
-    for title, keys in (("missing (left as initialised)", self.missing), ("unused", self.unused)):
+    for title, keys in (("missing (left as initialised)", self.missing), ("unused", self.unused),
+                        ("unused as expected", self.expected_unused)):
       if keys:
         more = " ..." if len(keys) > 20 else ""
         lines.append(f"{len(keys)} {title}: " + ", ".join(keys[:20]) + more)
@@ -134,6 +138,7 @@ def import_params(
     allow_missing: Iterable[str] = (),
     strict: bool = True,
     consumed_prefixes: Iterable[str] = (),
+    expected_unused: Iterable[str] = (),
 ) -> ImportReport:
   """Copies tensors from `state_dict` into `module` in place.
 
@@ -146,6 +151,8 @@ def import_params(
     strict: raise when a variable is missing (and not allowed to be).
     consumed_prefixes: only source keys under these prefixes count as "unused" when not
       consumed (a ClapModel checkpoint imported tower by tower); empty = all keys.
+    expected_unused: regexes over source keys that have no model counterpart by design
+      (buffers); unconsumed ones go to `report.expected_unused` instead of `report.unused`.
 
   Returns:
     An ImportReport. Shape mismatches always raise ConversionError naming both sides.
@@ -171,7 +178,9 @@ def import_params(
       errors.append(f"{key} {tuple(state_dict[key].shape)} -> {joined}: got {tuple(value.shape)}, "
                     f"model expects {tuple(target.shape)}")
       continue
-    updates.append((path, var, jnp.asarray(value, dtype=target.dtype)))
+    # An explicit copy: jnp.asarray can alias the source buffer (e.g. a torch tensor's
+    # .numpy() view), which the source may later mutate in place.
+    updates.append((path, var, jnp.array(value, dtype=target.dtype, copy=True)))
     used.add(key)
     report.loaded.append(key)
   if errors:
@@ -183,6 +192,9 @@ def import_params(
     var.set_value(value)
   nnx.update(module, nnx.from_flat_state(flat))
   prefixes = tuple(consumed_prefixes)
-  report.unused = sorted(
-      k for k in state_dict if k not in used and (not prefixes or k.startswith(prefixes)))
+  expected = [re.compile(p) for p in expected_unused]
+  for k in sorted(state_dict):
+    if k in used or (prefixes and not k.startswith(prefixes)):
+      continue
+    (report.expected_unused if any(e.search(k) for e in expected) else report.unused).append(k)
   return report
