@@ -9,7 +9,8 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["hade_jax", "hade_jax.*", "data_pipelines", "data_pipelines.*"]),
+    packages=setuptools.find_packages(
+        include=["hade_jax", "hade_jax.*", "data_pipelines", "data_pipelines.*", "configs"]),
     install_requires=[
         # JAX 0.10.2 / Flax 0.12.8 are the newest on Python 3.11; newer releases on 3.12+ are admitted.
         "jax>=0.4.38",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import ml_collections
 
 from hade_jax import bert, frontend, heads, htsat, losses
@@ -28,8 +29,11 @@ ABLATIONS = {
 
 
 def as_config(dc) -> ml_collections.ConfigDict:
-  """A frozen dataclass as a ConfigDict (tuples stay tuples)."""
-  return ml_collections.ConfigDict(dataclasses.asdict(dc))
+  """A frozen dataclass as a ConfigDict (tuples stay tuples, dtypes become their names)."""
+  d = dataclasses.asdict(dc)
+  if "dtype" in d:
+    d["dtype"] = jnp.dtype(d["dtype"]).name
+  return ml_collections.ConfigDict(d)
 
 
 def model_config(audio: htsat.HtsatConfig, text: bert.BertConfig, mel: frontend.LogMelConfig,
@@ -77,8 +81,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.spec_time_width = 64  # max frames per time stripe.
   c.data.spec_freq_stripes = 2
   c.data.spec_freq_width = 8  # max mel bins per frequency stripe.
+  c.data.pad_mode = "zeros"  # clips shorter than the crop: 'zeros' (pad at end) or 'repeat'.
+  c.data.eval_crop = "head"  # eval: 'head' (first crop_seconds) or 'center' of longer clips.
+  c.data.num_threads = 2  # threads per process (or worker) assembling batches.
   c.data.prepare_if_missing = False  # demo: generate + prepare synthcaps when absent.
-  c.data.synth_clips = ml_collections.ConfigDict({"train": 0, "validation": 0, "test": 0})
+  c.data.synth_size = ""  # synthcaps size ('tiny', 'demo', 'full'): builder '<size>_<rate>'.
 
   # -- Model ----------------------------------------------------------------------------------
   c.model = model_config(htsat.HtsatConfig.tiny(), bert.BertConfig.bert_base(),

@@ -61,6 +61,33 @@ class Encoder:
     """Encodes waveforms [S] (all one length) in fixed-size batches (the last is padded)."""
     return self._batched(list(waves), batch_size, lambda w: self._audio(self.state, w))
 
+  def audio_batches(self, batches: Iterable[dict], clip_ids_A: np.ndarray
+                    ) -> hade_heads.AudioFeatures:
+    """Encodes evaluation batches {audio [B, S], clip_id [B], valid [B]} (fixed B).
+
+    Returns features in the order of `clip_ids_A`; every clip must appear exactly once
+    (one crop per clip: 'head' or 'center').
+    """
+    position = {int(c): i for i, c in enumerate(clip_ids_A)}
+    feats, order = [], []
+    batch_size = None
+    for batch in batches:
+      audio = np.asarray(batch["audio"], np.float32)
+      batch_size = batch_size or len(audio)
+      ids = np.asarray(batch["clip_id"])
+      keep = np.flatnonzero(np.asarray(batch["valid"]).astype(bool)
+                            & np.isin(ids, np.asarray(clip_ids_A)))
+      if not len(keep):
+        continue
+      out = self._audio(self.state, _pad_rows(audio, batch_size))
+      feats.append(jax.tree.map(lambda x, keep=keep: np.asarray(x)[keep], out))
+      order += [position[int(c)] for c in ids[keep]]
+    if sorted(order) != list(range(len(clip_ids_A))):
+      raise ValueError(f"evaluation batches held {len(order)} clip rows for {len(clip_ids_A)} "
+                       "clips; each clip must appear exactly once (eval_crop 'head' or 'center')")
+    inverse = np.argsort(np.asarray(order))
+    return jax.tree.map(lambda x: x[inverse], _concat(feats))
+
   def text(self, ids_TxM: np.ndarray, mask_TxM: np.ndarray, batch_size: int
            ) -> hade_heads.TextFeatures:
     out = []

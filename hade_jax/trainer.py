@@ -97,23 +97,30 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses
   def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(base_rng, state["step"])
 
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, state["rest"])
+    def loss_fn(params, rest):
+      # Fresh Variables (copy=True) belong to this trace, so the batch norm may update them.
+      model = nnx.merge(graphdef, params, rest, copy=True)
+      model.train()  # HTS-AT's input batch norm uses (and updates) batch statistics
       rngs = nnx.Rngs(dropout=rng)
       transform = None
       if spec_augment:
-        transform = functools.partial(input_pipeline.apply_spec_augment,
-                                      specaug_time=batch["specaug_time"],
-                                      specaug_freq=batch["specaug_freq"])
+        def transform(mel_BxNxF):
+          # Masked cells take each clip's mean log-mel (the tower's batch norm comes after).
+          mean_Bx1x1 = mel_BxNxF.mean(axis=(1, 2), keepdims=True)
+          return input_pipeline.apply_spec_augment(
+              mel_BxNxF - mean_Bx1x1, batch["specaug_time"], batch["specaug_freq"]) + mean_Bx1x1
       a = model.encode_audio(batch["audio"], rngs=rngs, mel_transform=transform)
       t = model.encode_text(batch["input_ids"], batch["attention_mask"], rngs=rngs)
-      return losses.hade_loss(model.heads, a, t, batch["clip_id"], loss_cfg)
+      loss, step_metrics = losses.hade_loss(model.heads, a, t, batch["clip_id"], loss_cfg)
+      return loss, (step_metrics, split_model(model)[2])
 
-    (_, step_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (_, (step_metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state["rest"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     step_metrics["grad_norm"] = optax.global_norm(grads)
-    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+    new_state = dict(state, step=state["step"] + 1, params=params, rest=rest,
+                     opt_state=opt_state)
     return new_state, step_metrics
 
   return train_step
@@ -127,7 +134,7 @@ def evaluate_split(model: hade.HadeModel, split: data.EvalSplit, *, batch_size: 
                    ) -> dict[str, float]:
   """Retrieval metrics of `model` on an evaluation split (all clips x all captions)."""
   enc = retrieval.Encoder(model)
-  audio = enc.audio(split.waves, batch_size)
+  audio = enc.audio_batches(split.audio_batches(), split.clip_ids)
   text = enc.text(split.input_ids, split.attention_mask, batch_size)
   scores_AxT = enc.score(audio, text, tile=tile)
   return metrics.retrieval_metrics(scores_AxT, split.caption_clip)
@@ -164,12 +171,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   # == Data ===================================================================================
   cfg = model_config(config)
-  source = data.open_dataset(config, cfg.mel.sample_rate)
+  source = data.open_dataset(config, cfg)
   steps_per_epoch = max(1, source.num_train_clips // config.batch_size)
   total_steps = (config.total_steps if config.total_steps > 0
                  else int(math.ceil(config.num_epochs * steps_per_epoch)))
   warmup_steps = int(round(config.optim.warmup_epochs * steps_per_epoch))
-  train_iter = data.train_iterator(config, source, cfg, local_batch)
+  train_iter = data.TrainIterator(config, source, local_batch)
 
   # == Model & optimizer ======================================================================
   def create_model():
@@ -216,7 +223,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       for report in import_pretrained(model, config.init):
         log.info("%s", report)
       state = jax.device_put(init_state(model), state_sharding)
-  train_iter.start()
 
   # == Step ===================================================================================
   base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
@@ -234,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   def run_eval(step: int, state) -> dict[str, float]:
     nonlocal eval_split
     if eval_split is None:
-      eval_split = data.eval_split(config, source, config.data.eval_split, cfg,
+      eval_split = data.eval_split(config, source, config.data.eval_split,
                                    max_clips=config.eval_max_clips)
     model = nnx.merge(graphdef, state["params"], state["rest"])
     m = evaluate_split(model, eval_split, batch_size=config.eval_batch_size,
@@ -242,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     out = {f"val/{k}": v for k, v in m.items()} | rsum(m, "val")
     if writer:
       writer.write(step, out)
-      log.info("step %d validation (%d clips):\n%s", step, len(eval_split.waves),
+      log.info("step %d validation (%d clips):\n%s", step, len(eval_split.clip_ids),
                metrics.format_table(m))
     return out
 
@@ -284,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       _, best_state = checkpoints.restore_state(best_dir, abstract_state)
     else:
       best_state = state
-    split = data.eval_split(config, source, config.final_eval_split, cfg)
+    split = data.eval_split(config, source, config.final_eval_split)
     model = nnx.merge(graphdef, best_state["params"], best_state["rest"])
     m = evaluate_split(model, split, batch_size=config.eval_batch_size, tile=config.eval_tile)
     final |= {f"test/{k}": v for k, v in m.items()}
@@ -294,7 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           {"split": config.final_eval_split, "clips": split.clip_names,
            "tie_rule": metrics.TIE_RULE, "metrics": m}, indent=2))
       log.info("test split %r (%d clips, %d captions), best checkpoint:\n%s",
-               config.final_eval_split, len(split.waves), len(split.caption_clip),
+               config.final_eval_split, len(split.clip_ids), len(split.caption_clip),
                metrics.format_table(m))
   ckpt.close()
   if writer:
