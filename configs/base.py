@@ -113,6 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.end_factor = 0.0
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
+  c.optim.eps = 1e-8  # Adam's epsilon.
   c.optim.clip_norm = 2.0  # global gradient-norm clip (0 = off).
   c.optim.accum_steps = 1  # gradient accumulation (optax.MultiSteps); negatives stay per step.
   c.compute_dtype = "float32"  # 'bfloat16' runs both towers in bf16 (params stay float32).
@@ -131,6 +132,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_tile = 256  # (clips x captions) tile edge for the pairwise score.
   c.eval_max_clips = 0  # validate on the first N clips only (0 = all).
   c.final_eval_split = "test"  # evaluated with the best checkpoint at the end ('' = none).
+  c.max_steps_per_run = 0  # stop cleanly (with a checkpoint) after N steps of this run.
+  c.log_batch_ids = False  # write each step's clip ids to batches.jsonl (data-order checks).
 
   args = parse_arg(arg)
   apply_ablation(c, args.get("ablation", "full"))

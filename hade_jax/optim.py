@@ -43,7 +43,7 @@ def group_labels(params, rules: Sequence[tuple[str, str]]):
 def make(params, *, groups: Sequence[tuple[str, str]], lr: Mapping[str, float],
          weight_decay: Mapping[str, float], frozen: Sequence[str], total_steps: int,
          warmup_steps: int, clip_norm: float, b1: float = 0.9, b2: float = 0.999,
-         end_factor: float = 0.0, accum_steps: int = 1) -> optax.GradientTransformation:
+         eps: float = 1e-8, end_factor: float = 0.0, accum_steps: int = 1) -> optax.GradientTransformation:
   """The full optimiser for a parameter pytree (used only for its structure)."""
   labels = group_labels(params, groups)
   names = sorted(set(jax.tree.leaves(labels)))
@@ -56,7 +56,7 @@ def make(params, *, groups: Sequence[tuple[str, str]], lr: Mapping[str, float],
       raise ValueError(f"config.optim.lr has no learning rate for group {name!r} "
                        f"(groups: {names})")
     transforms[name] = optax.adamw(
-        schedule(lr[name], total_steps, warmup_steps, end_factor), b1=b1, b2=b2,
+        schedule(lr[name], total_steps, warmup_steps, end_factor), b1=b1, b2=b2, eps=eps,
         weight_decay=float(weight_decay.get(name, 0.0)))
   tx = optax.multi_transform(transforms, labels)
   if clip_norm and clip_norm > 0:

@@ -34,6 +34,8 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | N
   if known <= 0 or len(devices) % known:
     raise ValueError(f"config.mesh {list(axes)} does not divide the {len(devices)} available "
                      f"devices")
+  if -1 not in sizes and known < len(devices):
+    devices = devices[:known]  # an explicit smaller mesh uses the first devices
   sizes = [len(devices) // known if s == -1 else s for s in sizes]
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(f"config.mesh {list(axes)} -> sizes {sizes} use {int(np.prod(sizes))} "

@@ -188,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       abstract_params, groups=config.optim.groups, lr=config.optim.lr.to_dict(),
       weight_decay=config.optim.weight_decay.to_dict(), frozen=tuple(config.optim.frozen),
       total_steps=total_steps, warmup_steps=warmup_steps, clip_norm=config.optim.clip_norm,
-      b1=config.optim.b1, b2=config.optim.b2, end_factor=config.optim.end_factor,
+      b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps, end_factor=config.optim.end_factor,
       accum_steps=config.optim.accum_steps)
 
   def init_state(model):
@@ -260,15 +260,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                             warmup_steps, end_factor=config.optim.end_factor)
   resolved = dict(config_dict, total_steps_resolved=total_steps)
   last_val: dict[str, float] = {}
+  stop_at = total_steps
+  if config.max_steps_per_run > 0:
+    stop_at = min(total_steps, start_step + config.max_steps_per_run)
+  batch_log = (open(workdir / "batches.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+               if config.log_batch_ids and is_main else None)
   with mesh:
-    while step < total_steps:
-      batch = sharding.global_batch(next(train_iter), mesh)
+    while step < stop_at:
+      local = next(train_iter)
+      if batch_log:
+        batch_log.write(json.dumps({"step": step + 1,
+                                    "clip_id": np.asarray(local["clip_id"]).tolist()}) + "\n")
+        batch_log.flush()
+      batch = sharding.global_batch(local, mesh)
       state, step_metrics = step_fn(state, batch)
       step += 1
       if pending is not None:
         _report(pending, writer, timer, total_steps, config, lr_fn)
       pending = (step, step_metrics)
-      if step % config.checkpoint_every_steps == 0 or step == total_steps:
+      if step % config.checkpoint_every_steps == 0 or step in (total_steps, stop_at):
         _report(pending, writer, timer, total_steps, config, lr_fn, force=True)
         pending = None
         ckpt.save(step, state, train_iter.checkpointable, resolved)
@@ -281,7 +291,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if pending is not None:
     _report(pending, writer, timer, total_steps, config, lr_fn, force=True)
   ckpt.wait()
+  if batch_log:
+    batch_log.close()
   final = dict(last_val)
+  if step < total_steps:  # stopped by max_steps_per_run: the next run resumes
+    log.info("stopping at step %d of %d (max_steps_per_run); rerun to continue", step,
+             total_steps)
+    ckpt.close()
+    if writer:
+      writer.close()
+    return final
 
   # Final evaluation of the best checkpoint on the test split.
   if config.final_eval_split and config.final_eval_split in source.splits:
