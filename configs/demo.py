@@ -52,7 +52,7 @@ def get_config(arg: str | None = None):
   c.init.text_tower = minilm_dir()
 
   c.batch_size = 32
-  c.num_epochs = 12.0
+  c.num_epochs = 16.0  # 480 steps: ~8 min of training on 2 cores
   c.optim.groups = (("^text_encoder/", "text"), ("^audio_encoder/", "audio"), (".*", "heads"))
   c.optim.lr = base.ml_collections.ConfigDict({"text": 0.0, "audio": 1e-3, "heads": 1e-3})
   c.optim.weight_decay = base.ml_collections.ConfigDict({"text": 0.0, "audio": 0.01,
@@ -63,7 +63,7 @@ def get_config(arg: str | None = None):
   c.checkpoint_every_steps = 100
   c.keep_checkpoints = 2
   c.log_every_steps = 20
-  c.eval_every_steps = 120
+  c.eval_every_steps = 160
   c.eval_batch_size = 32
   c.eval_tile = 160
   c.best_metric = "val/t2a/R@1+R@5+R@10"

@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from configs import base
 from hade_jax import trainer
 from tests.tiny_train_config import tiny_config
 
@@ -116,3 +117,23 @@ def test_missing_dataset_fails_at_once_with_the_prepare_command(tmp_path):
   assert "dataset_info.json" in message
   assert "python -m data_pipelines.prepare --dataset=clotho" in message
   assert not (tmp_path / "wd" / "checkpoints").exists()
+
+
+def test_frozen_group_bf16_and_accumulation(tiny_data, minilm_dir, tmp_path):
+  """bfloat16 compute and 2-step accumulation train; a frozen group never moves."""
+  config = tiny_config(
+      tiny_data, minilm_dir, total_steps=4, final_eval_split="", best_metric="",
+      compute_dtype="bfloat16",
+      **{"optim.accum_steps": 2, "optim.warmup_epochs": 0.0,
+         "optim.groups": (("^text_encoder/", "text"), (".*", "rest")),
+         "optim.lr": base.ml_collections.ConfigDict({"text": 1e-3, "rest": 1e-3}),
+         "optim.weight_decay": base.ml_collections.ConfigDict({"text": 0.1, "rest": 0.1}),
+         "optim.frozen": ("text",)})
+  trainer.train_and_evaluate(config, tmp_path / "wd")
+  first, last = read_state(tmp_path / "wd", 2), read_state(tmp_path / "wd", 4)
+  moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                       first["params"], last["params"])
+  assert not any(jax.tree.leaves(moved["text_encoder"]))
+  assert all(jax.tree.leaves(moved["heads"]))
+  lines = [json.loads(x) for x in (tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()]
+  assert all(np.isfinite(x["train/loss"]) for x in lines if "train/loss" in x)
