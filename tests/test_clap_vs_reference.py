@@ -14,6 +14,7 @@ from transformers import ClapConfig, ClapModel
 
 from hade_jax import heads as hade_heads
 from hade_jax.convert import clap as convert_clap
+from tests import hf_reference
 
 TOL = 1e-4
 AUDIO = dict(spec_size=128, num_mel_bins=32, patch_embeds_hidden_size=16, hidden_size=128,
@@ -26,19 +27,8 @@ TEXT = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_h
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   torch.manual_seed(0)
-  model = ClapModel(ClapConfig(audio_config=AUDIO, text_config=TEXT, projection_dim=24)).eval()
-  with torch.no_grad():  # every float tensor random (HF zero-inits some)
-    for key, value in model.state_dict().items():
-      if not value.is_floating_point():
-        continue
-      if key.endswith("running_mean"):
-        value.copy_(-40.0 + 5.0 * torch.randn_like(value))
-      elif key.endswith("running_var"):
-        value.copy_(100.0 + 300.0 * torch.rand_like(value))
-      elif key.startswith("logit_scale"):
-        value.copy_(torch.tensor(2.5 if key.endswith("_t") else 1.0))
-      else:
-        value.copy_(0.2 * torch.randn_like(value))
+  model = ClapModel(ClapConfig(audio_config=AUDIO, text_config=TEXT, projection_dim=24))
+  hf_reference.randomize_(model)
   folder = tmp_path_factory.mktemp("clap")
   model.save_pretrained(folder)
   return model, folder

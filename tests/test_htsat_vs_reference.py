@@ -11,6 +11,7 @@ from transformers import ClapAudioConfig, ClapAudioModel, ClapConfig, ClapFeatur
 from hade_jax import frontend, htsat
 from hade_jax.convert import common
 from hade_jax.convert import htsat as convert_htsat
+from tests import hf_reference
 
 TOL = 1e-4
 # 4 stages at 1/4 of tiny's grid: 512 frames x 32 mels -> 128 x 128 image, window 4.
@@ -24,18 +25,7 @@ TINY_NARROW = dict(patch_embeds_hidden_size=16, hidden_size=128)
 def _reference(hf_kwargs, seed=0):
   """A ClapAudioModel in eval mode with every float tensor random (HF zero-inits some)."""
   torch.manual_seed(seed)
-  model = ClapAudioModel(ClapAudioConfig(**hf_kwargs)).eval()
-  with torch.no_grad():
-    for key, value in model.state_dict().items():
-      if not value.is_floating_point():
-        continue
-      if key.endswith("running_mean"):
-        value.copy_(-40.0 + 5.0 * torch.randn_like(value))
-      elif key.endswith("running_var"):
-        value.copy_(100.0 + 300.0 * torch.rand_like(value))
-      else:
-        value.copy_(0.2 * torch.randn_like(value))
-  return model
+  return hf_reference.randomize_(ClapAudioModel(ClapAudioConfig(**hf_kwargs)), seed)
 
 
 def _random_mel(batch, frames, mels, seed=0):

@@ -1,0 +1,166 @@
+"""Audio decoding for dataset preparation: any file soundfile reads -> mono int16 at one rate.
+
+What happens to each kind of input (the bad-input policy of the prepare step):
+
+| input                                  | outcome                                              |
+|----------------------------------------|------------------------------------------------------|
+| mono 16-bit PCM at the target rate     | stored bit-exact                                     |
+| any other rate                         | resampled with soxr (quality `HQ`)                   |
+| stereo or multi-channel                | downmixed to the mean of the channels                |
+| 24/32-bit or float samples             | converted; float peaks above full scale attenuated   |
+|                                        | to full scale (not clipped)                          |
+| truncated WAV (header longer than data)| the samples present are kept; reported as a note     |
+| zero frames                            | `AudioError('empty')`: clip skipped and reported     |
+| NaN or Inf samples                     | `AudioError('non_finite')`: clip skipped and reported|
+| not an audio file / corrupt header     | `AudioError('unreadable')`: clip skipped and reported|
+
+In strict mode the prepare step turns every `AudioError` into a failure naming the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import struct
+
+import numpy as np
+import soundfile
+import soxr
+
+# File name endings that are treated as audio when a folder is listed.
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".w64", ".rf64")
+
+_INT16_SCALE = 32768.0  # soundfile maps PCM16 to float as int / 32768.
+
+
+class AudioError(ValueError):
+  """An audio file that cannot be used.
+
+  Attributes:
+    path: the file.
+    reason: a short tag: 'unreadable', 'empty' or 'non_finite'.
+    detail: what exactly was wrong.
+  """
+
+  def __init__(self, path: os.PathLike | str, reason: str, detail: str):
+    super().__init__(f"{path}: {reason}: {detail}")
+    self.path = str(path)
+    self.reason = reason
+    self.detail = detail
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedAudio:
+  """A decoded clip and what was done to it.
+
+  Attributes:
+    samples: int16 [S] mono waveform at `sample_rate`.
+    sample_rate: the target rate.
+    source_rate: the file's rate.
+    source_channels: the file's channel count.
+    notes: tags of what was done ('downmixed', 'resampled', 'attenuated', 'truncated').
+  """
+
+  samples: np.ndarray
+  sample_rate: int
+  source_rate: int
+  source_channels: int
+  notes: tuple[str, ...] = ()
+
+  @property
+  def seconds(self) -> float:
+    return len(self.samples) / self.sample_rate
+
+
+def wav_truncation(path: os.PathLike | str) -> str | None:
+  """Says whether a RIFF/WAVE file holds fewer data bytes than its header declares.
+
+  libsndfile silently returns the frames present in a truncated WAV, so this is the only
+  place the damage becomes visible. Returns a description, or None when the file is whole
+  or is not a RIFF/WAVE file.
+  """
+  path = pathlib.Path(path)
+  size = path.stat().st_size
+  with open(path, "rb") as f:
+    head = f.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+      return None
+    offset = 12
+    while offset + 8 <= size:
+      f.seek(offset)
+      chunk = f.read(8)
+      if len(chunk) < 8:
+        return None
+      chunk_id, chunk_size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+      if chunk_id == b"data":
+        present = size - offset - 8
+        # 0xFFFFFFFF is the "unknown size" marker written by streaming encoders.
+        if chunk_size != 0xFFFFFFFF and present < chunk_size:
+          return f"data chunk declares {chunk_size} bytes, file holds {present}"
+        return None
+      offset += 8 + chunk_size + (chunk_size & 1)  # RIFF chunks are word aligned.
+  return None
+
+
+def to_int16(x: np.ndarray) -> np.ndarray:
+  """Float waveform in [-1, 1] -> int16, rounding, saturating at the int16 range."""
+  return np.clip(np.round(x * _INT16_SCALE), -32768, 32767).astype(np.int16)
+
+
+def decode(path: os.PathLike | str, sample_rate: int, *, quality: str = "HQ") -> DecodedAudio:
+  """Reads one audio file as mono int16 at `sample_rate` (see the module policy table).
+
+  Args:
+    path: any format libsndfile reads (WAV, FLAC, OGG, MP3, AIFF, ...).
+    sample_rate: the target rate in Hz.
+    quality: soxr resampling quality ('QQ', 'LQ', 'MQ', 'HQ', 'VHQ').
+
+  Returns:
+    The decoded clip.
+
+  Raises:
+    AudioError: the file is unreadable, empty or holds NaN/Inf samples.
+  """
+  path = pathlib.Path(path)
+  notes = []
+  try:
+    info = soundfile.info(str(path))
+    # Fast path: nothing to convert, so keep the stored samples bit-exact.
+    exact = info.channels == 1 and info.samplerate == sample_rate and info.subtype == "PCM_16"
+    data, source_rate = soundfile.read(
+        str(path), dtype="int16" if exact else "float32", always_2d=True
+    )
+  except (soundfile.LibsndfileError, RuntimeError, OSError, ValueError, EOFError) as e:
+    raise AudioError(path, "unreadable", f"{type(e).__name__}: {e}") from e
+  if data.shape[0] == 0:
+    raise AudioError(path, "empty", "the file holds zero audio frames")
+  truncation = wav_truncation(path)
+  if truncation:
+    notes.append("truncated")
+  channels = data.shape[1]
+  if exact:
+    return DecodedAudio(data[:, 0].copy(), sample_rate, source_rate, channels, tuple(notes))
+
+  if not np.isfinite(data).all():
+    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    raise AudioError(path, "non_finite", f"{bad} NaN/Inf samples")
+  if channels > 1:
+    # Mean, not sum: keeps the level of a correlated stereo pair and cannot overflow.
+    x = data.mean(axis=1, dtype=np.float64).astype(np.float32)
+    notes.append("downmixed")
+  else:
+    x = data[:, 0]
+  peak = float(np.max(np.abs(x)))
+  if peak > 1.0:
+    # Float files may exceed full scale; scaling keeps the waveform shape that clipping
+    # would destroy.
+    x = x / peak
+    notes.append("attenuated")
+  if source_rate != sample_rate:
+    x = soxr.resample(x, source_rate, sample_rate, quality=quality)
+    notes.append("resampled")
+    if len(x) == 0:
+      raise AudioError(path, "empty", f"{data.shape[0]} frames at {source_rate} Hz resample "
+                       f"to zero frames at {sample_rate} Hz")
+  return DecodedAudio(to_int16(x), sample_rate, source_rate, channels, tuple(notes))
