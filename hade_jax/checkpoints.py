@@ -18,6 +18,7 @@ import pathlib
 from typing import Any
 
 import grain.python as grain
+import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -64,14 +65,23 @@ class Checkpoints:
     return self.last.latest_step()
 
   def restore_latest(self, abstract_state: Any, data_iter: Any) -> tuple[int, Any, Any] | None:
-    """Restores the newest readable checkpoint; older ones are tried if the newest is damaged."""
+    """Restores the newest readable checkpoint; older ones are tried if the newest is damaged.
+
+    A checkpoint written by another number of processes restores too: the state onto the
+    shardings in `abstract_state`, the data iterator from process 0's state (see
+    `_restore_data_from_other_process_count`).
+    """
     steps = sorted(self.last.all_steps(), reverse=True)
     for i, step in enumerate(steps):
       try:
         args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iter is not None:
+        other_count = data_iter is not None and self._written_by_other_process_count(step)
+        if data_iter is not None and not other_count:
           args["data"] = grain.PyGrainCheckpointRestore(data_iter)
         restored = self.last.restore(step, args=ocp.args.Composite(**args))
+        if other_count:
+          restored = dict(restored, data=self._restore_data_from_other_process_count(
+              step, data_iter))
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, loudly
         log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
                     step, self.last.directory, type(e).__name__, e)
@@ -83,6 +93,39 @@ class Checkpoints:
       raise RuntimeError(f"none of the checkpoints {steps} in {self.last.directory} could be "
                          "read; refusing to restart from scratch over them")
     return None
+
+  def saved_config(self, step: int) -> dict:
+    """The resolved config saved with `step` of the last-N manager."""
+    return self.last.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+
+  def _data_dir(self, step: int) -> pathlib.Path:
+    return pathlib.Path(self.last.directory) / str(step) / "data"
+
+  def _written_by_other_process_count(self, step: int) -> bool:
+    mine = self._data_dir(step) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return not mine.is_file() and bool(list(self._data_dir(step).glob("process_*-of-*.json")))
+
+  def _restore_data_from_other_process_count(self, step: int, data_iter: Any) -> Any:
+    """Sets `data_iter` to the position saved by a run with another number of processes.
+
+    The training pipeline deals whole batches to processes, so every process's iterator state
+    counts the same global batches and holds the same value (checked); with the same global
+    batch it is this process's position too (trainer._check_same_global_batch).
+    """
+    files = sorted(self._data_dir(step).glob("process_*-of-*.json"))
+    states = {f.name: json.loads(f.read_text()) for f in files}
+    first = next(iter(states.values()))
+    if any(s != first for s in states.values()):
+      raise ValueError(f"the data iterator states in {self._data_dir(step)} differ between "
+                       f"processes ({states}); they cannot carry over to "
+                       f"{jax.process_count()} processes")
+    data_iter.set_state(first)
+    if hasattr(data_iter, "start_prefetch"):
+      data_iter.start_prefetch()
+    log.warning("checkpoint step %d was written by %s process(es); %d continue(s) from the same "
+                "global data position", step, files[0].stem.split("-of-")[1], jax.process_count())
+    return data_iter
 
   def wait(self):
     self.last.wait_until_finished()

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -89,10 +90,38 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles process-local batches into global arrays sharded along the batch axes."""
+  """Assembles process-local batches into global arrays sharded along the batch axes.
+
+  The rows of process i follow those of processes 0..i-1 (the mesh lists devices process by
+  process), which is the order the input pipeline deals global batches in.
+  """
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}
+
+
+def with_shardings(abstract, shardings):
+  """ShapeDtypeStructs that carry their target sharding: orbax restores straight onto it,
+  whatever mesh or number of processes wrote the checkpoint."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def replicate(tree, mesh: Mesh):
+  """Every device gets the whole of every array (a collective: all processes call it)."""
+  return jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+
+
+def to_host(tree):
+  """numpy copies of (possibly multi-process) global arrays, on every process.
+
+  A collective when an array spans several processes: all processes call it, in the same order.
+  """
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(one, tree)
 
 
 def _key_str(key) -> str:

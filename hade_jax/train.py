@@ -1,16 +1,20 @@
 """Entry point: `python -m hade_jax.train --config=configs/clotho.py --workdir=DIR`.
 
-Flags only; the work is `trainer.train_and_evaluate`, which the tests call too.
+Flags only; the work is `trainer.train_and_evaluate`, which the tests call too. The same
+command runs on every host of a TPU slice or GPU cluster: `distributed.initialize` joins the
+processes (flags --coordinator_address/--num_processes/--process_id, the environment, Slurm,
+or Cloud TPU detection; see hade_jax/distributed.py) before anything touches a device.
 """
 
 from __future__ import annotations
 
 import logging
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from hade_jax import trainer
+from hade_jax import distributed, trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/clotho.py or configs/clotho.py:ablation=tha.",
@@ -25,6 +29,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
+  distributed.initialize()
+  if jax.process_index() != 0:
+    # Process 0 tells the story; the others speak up only for warnings and errors.
+    logging.getLogger().setLevel(logging.WARNING)
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -199,6 +199,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   # == Shard & init ===========================================================================
   abstract_state = jax.eval_shape(lambda: init_state(create_model()))
   state_sharding = sharding.state_shardings(abstract_state, config.sharding_rules, mesh)
+  # Restores land on this mesh, whatever mesh and number of processes saved the checkpoint.
+  abstract_state = sharding.with_shardings(abstract_state, state_sharding)
   # Parameters are created already sharded: the init runs under jit with out_shardings.
   init_from_scratch = jax.jit(lambda: init_state(create_model()), out_shardings=state_sharding)
 
@@ -209,6 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if restored is not None:
     start_step, state, _ = restored
     state = jax.device_put(state, state_sharding)
+    _check_same_global_batch(ckpt, start_step, config.batch_size)
     log.info("resumed from %s at step %d", ckpt.last.directory, start_step)
   elif config.init.resume:
     start_step, state = checkpoints.restore_state(config.init.resume, abstract_state)
@@ -219,7 +222,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     start_step = 0
     state = init_from_scratch()
     if any(config.init.get(k) for k in ("clap", "audio_tower", "text_tower")):
-      model = nnx.merge(graphdef, jax.device_get(state["params"]), jax.device_get(state["rest"]))
+      model = nnx.merge(graphdef, sharding.to_host(state["params"]),
+                        sharding.to_host(state["rest"]))
       for report in import_pretrained(model, config.init):
         log.info("%s", report)
       state = jax.device_put(init_state(model), state_sharding)
@@ -242,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if eval_split is None:
       eval_split = data.eval_split(config, source, config.data.eval_split,
                                    max_clips=config.eval_max_clips)
-    model = nnx.merge(graphdef, state["params"], state["rest"])
+    model = _eval_model(graphdef, state, mesh)
     m = evaluate_split(model, eval_split, batch_size=config.eval_batch_size,
                        tile=config.eval_tile)
     out = {f"val/{k}": v for k, v in m.items()} | rsum(m, "val")
@@ -268,9 +272,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   with mesh:
     while step < stop_at:
       local = next(train_iter)
+      if config.log_batch_ids:  # the global batch's clip ids, processes in order
+        clip_ids = sharding.to_host(sharding.global_batch({"c": local["clip_id"]}, mesh))["c"]
       if batch_log:
-        batch_log.write(json.dumps({"step": step + 1,
-                                    "clip_id": np.asarray(local["clip_id"]).tolist()}) + "\n")
+        batch_log.write(json.dumps({"step": step + 1, "clip_id": clip_ids.tolist()}) + "\n")
         batch_log.flush()
       batch = sharding.global_batch(local, mesh)
       state, step_metrics = step_fn(state, batch)
@@ -310,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     else:
       best_state = state
     split = data.eval_split(config, source, config.final_eval_split)
-    model = nnx.merge(graphdef, best_state["params"], best_state["rest"])
+    model = _eval_model(graphdef, best_state, mesh)
     m = evaluate_split(model, split, batch_size=config.eval_batch_size, tile=config.eval_tile)
     final |= {f"test/{k}": v for k, v in m.items()}
     if writer:
@@ -325,6 +330,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if writer:
     writer.close()
   return final
+
+
+def _eval_model(graphdef, state, mesh) -> hade.HadeModel:
+  """The model for evaluation, its weights replicated on every device.
+
+  Evaluation feeds the same host data to every process; with replicated weights every result
+  is replicated too, so each process can read it (params sharded over several processes are
+  not readable from one of them).
+  """
+  params, rest = sharding.replicate((state["params"], state["rest"]), mesh)
+  return nnx.merge(graphdef, params, rest)
+
+
+def _check_same_global_batch(ckpt: checkpoints.Checkpoints, step: int, batch_size: int):
+  """The data position carries over (to any number of processes) only with the same batch."""
+  saved = ckpt.saved_config(step).get("batch_size")
+  step_dir = pathlib.Path(ckpt.last.directory) / str(step)
+  if saved is not None and saved != batch_size:
+    raise ValueError(
+        f"the checkpoint {step_dir} was trained with global batch_size={saved} but this run "
+        f"asks for {batch_size}: its position in the data does not carry over. Keep "
+        f"--config.batch_size={saved} to resume (on any number of hosts), or start a new "
+        f"workdir with --config.init.resume={step_dir} (weights and optimizer state; the "
+        "data order starts afresh).")
 
 
 def _report(pending, writer, timer: Timer, total_steps: int, config, lr_fn,
