@@ -43,7 +43,8 @@ def group_labels(params, rules: Sequence[tuple[str, str]]):
 def make(params, *, groups: Sequence[tuple[str, str]], lr: Mapping[str, float],
          weight_decay: Mapping[str, float], frozen: Sequence[str], total_steps: int,
          warmup_steps: int, clip_norm: float, b1: float = 0.9, b2: float = 0.999,
-         eps: float = 1e-8, end_factor: float = 0.0, accum_steps: int = 1) -> optax.GradientTransformation:
+         eps: float = 1e-8, end_factor: float = 0.0, accum_steps: int = 1
+         ) -> optax.GradientTransformation:
   """The full optimiser for a parameter pytree (used only for its structure)."""
   labels = group_labels(params, groups)
   names = sorted(set(jax.tree.leaves(labels)))

@@ -188,7 +188,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       abstract_params, groups=config.optim.groups, lr=config.optim.lr.to_dict(),
       weight_decay=config.optim.weight_decay.to_dict(), frozen=tuple(config.optim.frozen),
       total_steps=total_steps, warmup_steps=warmup_steps, clip_norm=config.optim.clip_norm,
-      b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps, end_factor=config.optim.end_factor,
+      b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
+      end_factor=config.optim.end_factor,
       accum_steps=config.optim.accum_steps)
 
   def init_state(model):
