@@ -135,3 +135,48 @@ def format_table(metrics: dict[str, float]) -> str:
       cells.append("-" if v is None else f"{v:.2f}" + (f" ± {ci:.2f}" if ci is not None else ""))
     lines.append(f"| {direction.upper()} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rankings for submissions and for two-stage search.
+
+TOP_K_ORDER = "clips by descending score; equal scores: the clip listed first in the split first"
+
+
+def top_k_clips(scores_AxT: np.ndarray, k: int = 10) -> np.ndarray:
+  """[T, k] indices of each caption's k best clips (order: `TOP_K_ORDER`)."""
+  scores_AxT = np.asarray(scores_AxT)
+  k = min(k, scores_AxT.shape[0])
+  # A stable sort of the negated scores keeps the split's order among equal scores.
+  return np.argsort(-scores_AxT.T, axis=1, kind="stable")[:, :k]
+
+
+def two_stage_t2a_ranks(scores_AxT: np.ndarray, global_AxT: np.ndarray,
+                        caption_clip_T: np.ndarray, shortlist: int) -> np.ndarray:
+  """[T] T2A ranks when only the `shortlist` best clips by global cosine are re-ranked.
+
+  The shortlist of a caption is its `shortlist` best clips by `global_AxT` (equal cosines:
+  the lower clip index first, as `jax.lax.top_k`); inside it the rank follows `TIE_RULE` on
+  the full `scores_AxT`. A ground-truth clip left out of the shortlist is never retrieved: its
+  rank is `num_clips + 1`.
+  """
+  scores_AxT = np.asarray(scores_AxT)
+  global_AxT = np.asarray(global_AxT)
+  caption_clip_T = np.asarray(caption_clip_T)
+  num_a, num_t = scores_AxT.shape
+  order_TxA = np.argsort(-global_AxT.T, axis=1, kind="stable")
+  in_list_TxA = np.zeros((num_t, num_a), bool)
+  np.put_along_axis(in_list_TxA, order_TxA[:, :min(shortlist, num_a)], True, axis=1)
+  cols = np.arange(num_t)
+  gt_T = scores_AxT[caption_clip_T, cols]
+  beaten_T = (in_list_TxA & (scores_AxT.T > gt_T[:, None])).sum(1)
+  found_T = in_list_TxA[cols, caption_clip_T]
+  return np.where(found_T, 1 + beaten_T, num_a + 1)
+
+
+def t2a_from_ranks(ranks_T: np.ndarray) -> dict[str, float]:
+  """R@1/5/10 and mAP@10 (percent) of text-to-audio ranks."""
+  r_T = np.asarray(ranks_T)
+  out = {f"R@{k}": float(100.0 * np.mean(r_T <= k)) for k in KS}
+  out["mAP@10"] = float(100.0 * np.mean(np.where(r_T <= 10, 1.0 / r_T, 0.0)))
+  return out

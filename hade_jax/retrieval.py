@@ -1,34 +1,63 @@
-"""Corpus encoding and memory-bounded all-pairs scoring with HADE's pairwise score.
+"""Corpus encoding, memory-bounded all-pairs scoring and two-stage search with HADE's score.
 
 S(a, t) reads both sides (CA sees an audio factor and a text factor together), so retrieval is
 not one matrix product: each modality is encoded ONCE into cached features, then S is evaluated
 over tiles of (audio, text) pairs whose size bounds the memory of the [A, T, M, N] token
-interactions. Tiles are jit-compiled once per tile shape (the last tile is padded).
+interactions (HADE.md section 6). Tiles are jit-compiled once per tile shape (the last tile is
+padded), and their audio rows are split over the devices of a 1-D mesh ('data'): each device
+scores its rows against the whole text tile, and the [tA, tT] result comes back replicated so
+that every process can read it.
 
-Legend: A: audios, T: texts, S: samples, M: words.
+Search over a corpus far larger than an eval split is two-stage: a shortlist by the cosine of
+the global embeddings (one matrix product and a top-k), then the full S on the shortlist only.
+`Searcher.exhaustive` scores every clip, to measure what the shortlist loses.
+
+Legend: A: audios, T: texts, S: samples or shortlist, M: words, N: corpus clips, Q: queries,
+K: results per query, D: joint width.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hade_jax import hade
 from hade_jax import heads as hade_heads
 
+ROWS = "data"  # the mesh axis that tiles' audio rows (and encoder batches) are split over
+
+
+def device_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh over `devices` (default: all of them), axis 'data'."""
+  return Mesh(np.asarray(jax.devices() if devices is None else list(devices)), (ROWS,))
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
 
 def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
+  """`x` grown to `n` rows by repeating its last row.
+
+  Repeating (not zeros) keeps padded rows valid inputs: an all-False token mask would make the
+  token-weight softmax NaN, which is harmless once cropped but trips NaN debugging.
+  """
   if x.shape[0] == n:
     return x
-  pad = np.zeros((n - x.shape[0],) + x.shape[1:], x.dtype)
-  return np.concatenate([x, pad])
+  return np.concatenate([x, np.repeat(x[-1:], n - x.shape[0], axis=0)])
 
 
-def _concat(features: list) -> object:
+def concat_features(features: list) -> object:
+  """Row-wise concatenation of feature pytrees (numpy)."""
   return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *features)
 
 
@@ -37,29 +66,94 @@ def _take(features, start: int, stop: int, size: int):
   return jax.tree.map(lambda x: _pad_rows(np.asarray(x[start:stop]), size), features)
 
 
+def _put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A host array (the same on every process) as a global array with `sharding`."""
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  # Several processes: each puts the shards of its own devices.
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def num_rows(features) -> int:
+  return jax.tree.leaves(features)[0].shape[0]
+
+
+_COMPILED: list[tuple[tuple, nnx.GraphDef, tuple]] = []  # most recent last
+
+
+def _compiled(graphdef: nnx.GraphDef, cfg: hade.HadeConfig, mesh: Mesh) -> tuple:
+  """The jitted (audio, text, score, rerank) functions of one model structure on one mesh.
+
+  Shared by every Encoder of the same structure (evaluation builds one per call), so that
+  their compiled executables are reused instead of compiled again.
+  """
+  for key, cached_graphdef, fns in _COMPILED:
+    if key == (cfg, mesh) and cached_graphdef == graphdef:
+      return fns
+  rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(ROWS))
+
+  def audio_fn(state, wave_AxS):
+    return nnx.merge(graphdef, state).encode_audio(wave_AxS)
+
+  def text_fn(state, ids_TxM, mask_TxM):
+    return nnx.merge(graphdef, state).encode_text(ids_TxM, mask_TxM)
+
+  def score_fn(state, a, t):
+    return nnx.merge(graphdef, state).score(a, t)["total"]
+
+  def rerank_fn(state, a_QxS, t_Qx1):
+    model = nnx.merge(graphdef, state)
+    return jax.vmap(lambda a, t: model.score(a, t)["total"][:, 0])(a_QxS, t_Qx1)
+
+  fns = (jax.jit(audio_fn, in_shardings=(rep, rows), out_shardings=rep),
+         jax.jit(text_fn, in_shardings=(rep, rows, rows), out_shardings=rep),
+         jax.jit(score_fn, in_shardings=(rep, rows, rep), out_shardings=rep),
+         # Shortlists: [Q, S] rows, S split over the mesh; each query's text is one row.
+         jax.jit(rerank_fn, in_shardings=(rep, NamedSharding(mesh, P(None, ROWS)), rep),
+                 out_shardings=rep))
+  _COMPILED.append(((cfg, mesh), graphdef, fns))
+  del _COMPILED[:-8]
+  return fns
+
+
 class Encoder:
-  """Jitted per-modality encoders over a (graphdef, state) model, compiled once per shape."""
+  """Jitted per-modality encoders and tile scorer over a model, sharded over a 1-D mesh.
 
-  def __init__(self, model: hade.HadeModel):
-    self.graphdef, self.state = nnx.split(model)
+  Weights are replicated on the mesh; encoder batches and the audio rows of score tiles are
+  split over it (padded to a multiple of its size). Every function compiles once per shape.
+  """
 
-    @jax.jit
-    def audio_fn(state, wave_AxS):
-      return nnx.merge(self.graphdef, state).encode_audio(wave_AxS)
+  def __init__(self, model: hade.HadeModel, mesh: Mesh | None = None):
+    self.mesh = mesh if mesh is not None else device_mesh()
+    self.rows = NamedSharding(self.mesh, P(ROWS))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.graphdef, state = nnx.split(model)
+    self.state = jax.device_put(state, self.replicated)
+    self._audio, self._text, self._score, self._rerank = _compiled(
+        self.graphdef, model.cfg, self.mesh)
 
-    @jax.jit
-    def text_fn(state, ids_TxM, mask_TxM):
-      return nnx.merge(self.graphdef, state).encode_text(ids_TxM, mask_TxM)
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.size
 
-    @jax.jit
-    def score_fn(state, a, t):
-      return nnx.merge(self.graphdef, state).score(a, t)["total"]
-
-    self._audio, self._text, self._score = audio_fn, text_fn, score_fn
+  def _encode_rows(self, fn: Callable, *arrays: np.ndarray):
+    """fn(state, *arrays) on rows padded to a multiple of the mesh; host features, cropped."""
+    n = len(arrays[0])
+    size = _round_up(n, self.num_devices)
+    out = fn(self.state, *(_put(_pad_rows(np.asarray(x), size), self.rows) for x in arrays))
+    return jax.tree.map(lambda x: np.asarray(x)[:n], out)
 
   def audio(self, waves: Iterable[np.ndarray], batch_size: int) -> hade_heads.AudioFeatures:
     """Encodes waveforms [S] (all one length) in fixed-size batches (the last is padded)."""
-    return self._batched(list(waves), batch_size, lambda w: self._audio(self.state, w))
+    waves = list(waves)
+    out = []
+    for start in range(0, len(waves), batch_size):
+      chunk = np.stack(waves[start:start + batch_size]).astype(np.float32)
+      n = len(chunk)
+      feats = self._encode_rows(self._audio, _pad_rows(chunk, batch_size))
+      out.append(jax.tree.map(lambda x, n=n: x[:n], feats))
+    return concat_features(out)
 
   def audio_batches(self, batches: Iterable[dict], clip_ids_A: np.ndarray
                     ) -> hade_heads.AudioFeatures:
@@ -79,62 +173,224 @@ class Encoder:
                             & np.isin(ids, np.asarray(clip_ids_A)))
       if not len(keep):
         continue
-      out = self._audio(self.state, _pad_rows(audio, batch_size))
-      feats.append(jax.tree.map(lambda x, keep=keep: np.asarray(x)[keep], out))
+      out = self._encode_rows(self._audio, _pad_rows(audio, batch_size))
+      feats.append(jax.tree.map(lambda x, keep=keep: x[keep], out))
       order += [position[int(c)] for c in ids[keep]]
     if sorted(order) != list(range(len(clip_ids_A))):
       raise ValueError(f"evaluation batches held {len(order)} clip rows for {len(clip_ids_A)} "
                        "clips; each clip must appear exactly once (eval_crop 'head' or 'center')")
     inverse = np.argsort(np.asarray(order))
-    return jax.tree.map(lambda x: x[inverse], _concat(feats))
+    return jax.tree.map(lambda x: x[inverse], concat_features(feats))
 
   def text(self, ids_TxM: np.ndarray, mask_TxM: np.ndarray, batch_size: int
            ) -> hade_heads.TextFeatures:
     out = []
     for start in range(0, len(ids_TxM), batch_size):
       stop = min(start + batch_size, len(ids_TxM))
-      ids = _pad_rows(ids_TxM[start:stop], batch_size)
-      mask = _pad_rows(mask_TxM[start:stop], batch_size)
-      mask[stop - start:, 0] = 1  # padded rows: one valid token, discarded below
-      feats = self._text(self.state, ids, mask)
-      out.append(jax.tree.map(lambda x, n=stop - start: np.asarray(x[:n]), feats))
-    return _concat(out)
+      ids = _pad_rows(np.asarray(ids_TxM[start:stop]), batch_size)
+      mask = _pad_rows(np.asarray(mask_TxM[start:stop]), batch_size)
+      feats = self._encode_rows(self._text, ids, mask)
+      out.append(jax.tree.map(lambda x, n=stop - start: x[:n], feats))
+    return concat_features(out)
 
-  def _batched(self, items: list[np.ndarray], batch_size: int, fn: Callable):
-    out = []
-    for start in range(0, len(items), batch_size):
-      chunk = np.stack(items[start:start + batch_size]).astype(np.float32)
-      n = len(chunk)
-      feats = fn(_pad_rows(chunk, batch_size))
-      out.append(jax.tree.map(lambda x, n=n: np.asarray(x[:n]), feats))
-    return _concat(out)
+  def score_tile(self, audio, text) -> jax.Array:
+    """Dispatches one tile: [tA', tT] scores (tA' = tA padded to a multiple of the mesh).
+
+    Returns without waiting for the device, so the caller can prepare the next tile.
+    """
+    size = _round_up(num_rows(audio), self.num_devices)
+    a = jax.tree.map(lambda x: _put(_pad_rows(np.asarray(x), size), self.rows), audio)
+    t = jax.tree.map(lambda x: _put(np.asarray(x), self.replicated), text)
+    return self._score(self.state, a, t)
 
   def score(self, audio: hade_heads.AudioFeatures, text: hade_heads.TextFeatures, *,
-            tile: int = 256) -> np.ndarray:
-    return score_tiled(lambda a, t: self._score(self.state, a, t), audio, text, tile=tile)
+            tile: int = 256, tile_text: int | None = None) -> np.ndarray:
+    """[A, T] scores of all pairs, in tiles of `tile` clips x `tile_text` (default `tile`)
+    captions, the clips of a tile split over the devices."""
+    return score_tiled(self.score_tile, audio, text, tile_audio=tile, tile_text=tile_text,
+                       align=self.num_devices)
+
+  def rerank(self, audio_QxS, text_Q) -> np.ndarray:
+    """[Q, S] full scores of each query's own S clips (leaves [Q, S, ...] and [Q, ...])."""
+    q, s = jax.tree.leaves(audio_QxS)[0].shape[:2]
+    size = _round_up(s, self.num_devices)
+    cols = NamedSharding(self.mesh, P(None, ROWS))
+
+    def pad(x):  # repeat the last shortlisted clip, cropped below
+      x = np.asarray(x)
+      if size == s:
+        return x
+      return np.concatenate([x, np.repeat(x[:, -1:], size - s, axis=1)], axis=1)
+
+    a = jax.tree.map(lambda x: _put(pad(x), cols), audio_QxS)
+    t = jax.tree.map(lambda x: _put(np.asarray(x)[:, None], self.replicated), text_Q)
+    return np.asarray(self._rerank(self.state, a, t))[:q, :s]
 
 
 def score_tiled(score_fn: Callable, audio, text, *, tile_audio: int | None = None,
-                tile_text: int | None = None, tile: int = 256) -> np.ndarray:
-  """[A, T] scores computed tile by tile; `score_fn(a_tile, t_tile) -> [tA, tT]`.
+                tile_text: int | None = None, tile: int = 256, align: int = 1) -> np.ndarray:
+  """[A, T] scores computed tile by tile; `score_fn(a_tile, t_tile) -> [>= tA, >= tT]`.
 
   Every tile has the same shape (the last ones are padded and cropped), so a jitted
-  `score_fn` compiles once.
+  `score_fn` compiles once. The audio edge is rounded up to a multiple of `align` (the number
+  of devices its rows are split over). Results are read one tile late: while the host copies
+  one tile's scores, the device already computes the next.
   """
-  num_a = jax.tree.leaves(audio)[0].shape[0]
-  num_t = jax.tree.leaves(text)[0].shape[0]
-  ta = min(tile_audio or tile, num_a)
+  num_a, num_t = num_rows(audio), num_rows(text)
+  ta = _round_up(min(tile_audio or tile, num_a), align)
   tt = min(tile_text or tile, num_t)
   out = np.zeros((num_a, num_t), np.float32)
+
+  def store(a0, t0, s):
+    ra, rt = min(ta, num_a - a0), min(tt, num_t - t0)
+    out[a0:a0 + ra, t0:t0 + rt] = np.asarray(s)[:ra, :rt]
+
+  pending = None
   for a0 in range(0, num_a, ta):
     a_tile = _take(audio, a0, min(a0 + ta, num_a), ta)
     for t0 in range(0, num_t, tt):
       t_tile = _take(text, t0, min(t0 + tt, num_t), tt)
-      s = np.asarray(score_fn(a_tile, t_tile))
-      out[a0:a0 + ta, t0:t0 + tt] = s[: min(ta, num_a - a0), : min(tt, num_t - t0)]
+      s = score_fn(a_tile, t_tile)
+      if pending is not None:
+        store(*pending)
+      pending = (a0, t0, s)
+  if pending is not None:
+    store(*pending)
   return out
 
 
 def score_untiled(model: hade.HadeModel, audio, text) -> np.ndarray:
   return np.asarray(model.score(jax.tree.map(jnp.asarray, audio),
                                 jax.tree.map(jnp.asarray, text))["total"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Search: a corpus of clip features, text queries.
+
+
+class ClipIndex(Protocol):
+  """What search needs of a corpus: its global embeddings in memory, any rows on demand."""
+
+  def __len__(self) -> int: ...
+
+  @property
+  def global_NxD(self) -> np.ndarray: ...
+
+  def take(self, rows: np.ndarray) -> hade_heads.AudioFeatures: ...
+
+
+class MemoryIndex:
+  """Clip features held in memory (e.g. from `api.Hade.embed_audio`), with optional names."""
+
+  def __init__(self, features: hade_heads.AudioFeatures, names: Sequence[str] | None = None):
+    self.features = jax.tree.map(np.asarray, features)
+    self.names = list(names) if names is not None else [str(i) for i in range(len(self))]
+    if len(self.names) != len(self):
+      raise ValueError(f"{len(self.names)} names for {len(self)} clips")
+
+  def __len__(self) -> int:
+    return num_rows(self.features)
+
+  @property
+  def global_NxD(self) -> np.ndarray:
+    return self.features.global_AxD
+
+  def take(self, rows: np.ndarray) -> hade_heads.AudioFeatures:
+    return jax.tree.map(lambda x: x[np.asarray(rows)], self.features)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+  """The top K clips of each query, best first (ties: lower row first).
+
+  Attributes:
+    rows_QxK: corpus rows.
+    scores_QxK: their full HADE scores.
+    shortlist: clips re-ranked per query (the corpus size for exhaustive search).
+  """
+
+  rows_QxK: np.ndarray
+  scores_QxK: np.ndarray
+  shortlist: int
+
+
+def _top_k(rows_QxS: np.ndarray, scores_QxS: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per query, the k best (score descending, then row ascending)."""
+  out_rows, out_scores = [], []
+  for rows, scores in zip(rows_QxS, scores_QxS, strict=True):
+    order = np.lexsort((rows, -scores))[:k]
+    out_rows.append(rows[order])
+    out_scores.append(scores[order])
+  return np.stack(out_rows), np.stack(out_scores)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _global_top_k(g_NxD: jax.Array, valid_N: jax.Array, t_QxD: jax.Array, k: int):
+  sims_QxN = jnp.einsum("qd,nd->qn", hade_heads.normalize(t_QxD), g_NxD)
+  sims_QxN = jnp.where(valid_N[None], sims_QxN, -jnp.inf)
+  return jax.lax.top_k(sims_QxN, k)  # equal values: the lower index first
+
+
+class Searcher:
+  """Two-stage and exhaustive text-to-audio search of one corpus with one model.
+
+  The corpus's normalised global embeddings go to the devices once (rows split over the mesh);
+  the per-level tokens and factors stay wherever the index keeps them (memory or disk) and
+  only shortlisted rows are read.
+  """
+
+  def __init__(self, encoder: Encoder, index: ClipIndex):
+    self.encoder, self.index = encoder, index
+    g_NxD = hade_heads.normalize(jnp.asarray(index.global_NxD, jnp.float32))
+    n = len(index)
+    size = _round_up(max(n, 1), encoder.num_devices)
+    self._g_NxD = _put(_pad_rows(np.asarray(g_NxD), size), encoder.rows)
+    self._valid_N = _put(np.arange(size) < n, encoder.rows)
+
+  def shortlist(self, text: hade_heads.TextFeatures, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 1: ([Q, S] rows, [Q, S] global cosines) of the S best clips by global cosine."""
+    size = min(size, len(self.index))
+    t_QxD = _put(np.asarray(text.global_TxD, np.float32), self.encoder.replicated)
+    sims, rows = _global_top_k(self._g_NxD, self._valid_N, t_QxD, size)
+    return np.asarray(rows), np.asarray(sims)
+
+  def search(self, text: hade_heads.TextFeatures, k: int, shortlist: int,
+             rerank_rows: int = 4096) -> SearchResult:
+    """Two-stage: the `shortlist` best clips by global cosine, re-ranked by the full score.
+
+    Queries are re-ranked in groups of about `rerank_rows` shortlisted clips (at least one
+    query), which bounds the memory of their gathered tokens.
+    """
+    s = min(shortlist, len(self.index))
+    k = min(k, s)
+    query_batch = max(1, rerank_rows // max(s, 1))
+    rows_out, scores_out = [], []
+    for q0 in range(0, num_rows(text), query_batch):
+      t = jax.tree.map(lambda x, q0=q0: np.asarray(x)[q0:q0 + query_batch], text)
+      rows_QxS, _ = self.shortlist(t, s)
+      a = self.index.take(rows_QxS.reshape(-1))
+      a_QxS = jax.tree.map(lambda x, shape=rows_QxS.shape: x.reshape(shape + x.shape[1:]), a)
+      scores_QxS = self.encoder.rerank(a_QxS, t)
+      r, sc = _top_k(rows_QxS, scores_QxS, k)
+      rows_out.append(r)
+      scores_out.append(sc)
+    return SearchResult(np.concatenate(rows_out), np.concatenate(scores_out), s)
+
+  def exhaustive(self, text: hade_heads.TextFeatures, k: int, tile: int = 256,
+                 chunk: int = 4096) -> SearchResult:
+    """The full score of every clip: the reference two-stage search is measured against.
+
+    The corpus is read `chunk` clips at a time and a running top-k is kept, so memory does
+    not grow with the corpus.
+    """
+    n, q = len(self.index), num_rows(text)
+    k = min(k, n)
+    best_rows = np.zeros((q, 0), np.int64)
+    best_scores = np.zeros((q, 0), np.float32)
+    for c0 in range(0, n, chunk):
+      rows = np.arange(c0, min(c0 + chunk, n))
+      s_AxQ = self.encoder.score(self.index.take(rows), text, tile=tile)
+      cand_rows = np.concatenate([best_rows, np.broadcast_to(rows, (q, len(rows)))], axis=1)
+      cand_scores = np.concatenate([best_scores, s_AxQ.T], axis=1)
+      best_rows, best_scores = _top_k(cand_rows, cand_scores, k)
+    return SearchResult(best_rows, best_scores, n)

@@ -1,0 +1,468 @@
+"""Text-to-audio search over a folder of audio files: a resumable on-disk index + queries.
+
+  python -m hade_jax.search index --workdir=/tmp/hade_demo --audio_dir=~/sounds --out=~/idx
+  python -m hade_jax.search query --index=~/idx "a dog barks while cars pass" [--k=10]
+
+`index` embeds every audio file under `--audio_dir` (recursively; any format soundfile reads)
+with a progress bar. The features each clip needs for the full HADE score (global embedding,
+per-level tokens and token-weight logits, DCR factors) are appended in shards; a shard is
+written to a temporary folder and renamed, then the manifest (`index.json`) is replaced
+atomically, so an interrupted run loses at most the clips not yet in a shard, and running the
+same command again continues where it stopped. Unreadable files are listed in the manifest and
+skipped. The manifest also names the checkpoint, the model's config and a fingerprint of its
+weights: queries load that model, and an index is never extended or queried with another.
+
+`query` is two-stage (HADE.md section 6): the `--shortlist` clips with the best global cosine
+(one matrix product over the in-memory global embeddings), then the full score on those clips
+only (their tokens read from the memory-mapped shards). `--shortlist=0` scores every clip;
+`--compare` runs both and reports how many of the exhaustive top k the two-stage search kept.
+
+Index layout:
+  index.json                       manifest (format, model, audio settings, shards, skipped)
+  shards/000000/names.json         the shard's files, relative to the audio folder
+  shards/000000/<feature>.npy      one array per feature, first axis = the shard's clips
+
+Legend: N: corpus clips, Q: queries, K: results, D: joint width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import logging
+import os
+import pathlib
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+
+import ml_collections
+import numpy as np
+import tqdm
+
+from data_pipelines import audio_io
+from hade_jax import api, retrieval
+from hade_jax import eval as hade_eval
+from hade_jax import heads as hade_heads
+
+log = logging.getLogger("hade_jax.search")
+
+FORMAT = "hade_jax.index/1"
+MANIFEST = "index.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Features <-> named arrays.
+
+
+def flatten_features(f: hade_heads.AudioFeatures) -> dict[str, np.ndarray]:
+  """Named arrays of audio features: global, level<i>, level<i>_mask, level<i>_logits, factors."""
+  out = {"global": np.asarray(f.global_AxD)}
+  for i, (x, m, w) in enumerate(zip(f.levels, f.level_masks, f.level_logits, strict=True)):
+    out[f"level{i}"], out[f"level{i}_mask"], out[f"level{i}_logits"] = map(np.asarray, (x, m, w))
+  if f.factors_AxKxd is not None:
+    out["factors"] = np.asarray(f.factors_AxKxd)
+  return out
+
+
+def unflatten_features(arrays: dict[str, np.ndarray], num_levels: int
+                       ) -> hade_heads.AudioFeatures:
+  levels = range(num_levels)
+  return hade_heads.AudioFeatures(
+      arrays["global"], tuple(arrays[f"level{i}"] for i in levels),
+      tuple(arrays[f"level{i}_mask"] for i in levels),
+      tuple(arrays[f"level{i}_logits"] for i in levels), arrays.get("factors"))
+
+
+def _atomic_write_json(path: pathlib.Path, obj) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The index.
+
+
+class Index:
+  """An on-disk index: global embeddings in memory, everything else memory-mapped.
+
+  Attributes:
+    path: the index folder.
+    manifest: the parsed `index.json`.
+    names: the indexed files, relative to `manifest['audio']['root']`, in row order.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = pathlib.Path(path).expanduser().absolute()
+    manifest_path = self.path / MANIFEST
+    if not manifest_path.is_file():
+      raise FileNotFoundError(f"no index at {self.path}: expected {manifest_path}; build one "
+                              "with python -m hade_jax.search index --audio_dir=... "
+                              f"--out={self.path}")
+    self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if self.manifest.get("format") != FORMAT:
+      raise ValueError(f"{manifest_path}: format {self.manifest.get('format')!r}, expected "
+                       f"{FORMAT!r}")
+    self._shards = []
+    self.names: list[str] = []
+    for shard in self.manifest["shards"]:
+      folder = self.path / "shards" / shard["dir"]
+      arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r")
+                for name in self.manifest["features"]}
+      names = json.loads((folder / "names.json").read_text(encoding="utf-8"))
+      if any(len(a) != shard["count"] for a in arrays.values()) or len(names) != shard["count"]:
+        raise ValueError(f"{folder}: arrays or names do not hold the {shard['count']} clips the "
+                         "manifest lists; rebuild this index")
+      self._shards.append(arrays)
+      self.names += names
+    counts = [s["count"] for s in self.manifest["shards"]]
+    self._offsets = np.cumsum([0] + counts)
+    self._global = None
+
+  @classmethod
+  def create(cls, path: str | os.PathLike, *, model: dict, audio: dict,
+             features: dict[str, dict]) -> Index:
+    """An empty index at `path` (which must not hold one)."""
+    path = pathlib.Path(path).expanduser().absolute()
+    if (path / MANIFEST).exists():
+      raise FileExistsError(f"{path} already holds an index")
+    (path / "shards").mkdir(parents=True, exist_ok=True)
+    _atomic_write_json(path / MANIFEST, {
+        "format": FORMAT, "model": model, "audio": audio, "features": features,
+        "shards": [], "skipped": [], "num_clips": 0})
+    return cls(path)
+
+  def __len__(self) -> int:
+    return int(self._offsets[-1])
+
+  @property
+  def num_levels(self) -> int:
+    return sum(1 for name in self.manifest["features"] if name.endswith("_mask"))
+
+  @property
+  def skipped(self) -> list[dict]:
+    return self.manifest["skipped"]
+
+  @property
+  def global_NxD(self) -> np.ndarray:
+    if self._global is None:
+      d = self.manifest["features"]["global"]["shape"][-1]
+      parts = [np.asarray(s["global"]) for s in self._shards]
+      self._global = np.concatenate(parts) if parts else np.zeros((0, d), np.float32)
+    return self._global
+
+  def take(self, rows: np.ndarray) -> hade_heads.AudioFeatures:
+    """The features of `rows` (any order, repeats allowed), read from the shards."""
+    rows = np.asarray(rows, np.int64)
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+      raise IndexError(f"rows outside [0, {len(self)})")
+    shard_of = np.searchsorted(self._offsets, rows, side="right") - 1
+    out = {}
+    for name, spec in self.manifest["features"].items():
+      out[name] = np.empty((len(rows), *spec["shape"]), spec["dtype"])
+    for s in np.unique(shard_of):
+      sel = np.flatnonzero(shard_of == s)
+      local = rows[sel] - self._offsets[s]
+      for name, array in self._shards[s].items():
+        out[name][sel] = array[local]
+    return unflatten_features(out, self.num_levels)
+
+  def append(self, names: Sequence[str], features: hade_heads.AudioFeatures | None,
+             skipped: Sequence[dict] = ()) -> None:
+    """Writes one shard (atomically: temporary folder, rename, then the manifest).
+
+    `features` may be None when `names` is empty (only skipped files to record).
+    """
+    arrays = flatten_features(features) if names else {}
+    if names and set(arrays) != set(self.manifest["features"]):
+      raise ValueError(f"features {sorted(arrays)} do not match the index's "
+                       f"{sorted(self.manifest['features'])}")
+    if any(len(a) != len(names) for a in arrays.values()):
+      raise ValueError(f"{len(names)} names for features of {len(arrays['global'])} clips")
+    manifest = dict(self.manifest)
+    manifest["skipped"] = self.skipped + list(skipped)
+    if len(names):
+      name = f"{len(self.manifest['shards']):06d}"
+      tmp = self.path / "shards" / f".tmp-{name}"
+      shutil.rmtree(tmp, ignore_errors=True)
+      tmp.mkdir(parents=True)
+      for key, array in arrays.items():
+        np.save(tmp / f"{key}.npy", array)
+      (tmp / "names.json").write_text(json.dumps(list(names)), encoding="utf-8")
+      os.replace(tmp, self.path / "shards" / name)
+      manifest["shards"] = self.manifest["shards"] + [{"dir": name, "count": len(names)}]
+      manifest["num_clips"] = len(self) + len(names)
+      self._shards.append({k: np.load(self.path / "shards" / name / f"{k}.npy", mmap_mode="r")
+                           for k in arrays})
+      self.names += list(names)
+      self._offsets = np.append(self._offsets, self._offsets[-1] + len(names))
+      self._global = None
+    _atomic_write_json(self.path / MANIFEST, manifest)
+    self.manifest = manifest
+
+  def remove_partial_shards(self) -> list[str]:
+    """Deletes shard folders the manifest does not list (a run stopped mid-shard)."""
+    listed = {s["dir"] for s in self.manifest["shards"]}
+    removed = []
+    for folder in sorted((self.path / "shards").iterdir()):
+      if folder.is_dir() and folder.name not in listed:
+        shutil.rmtree(folder)
+        removed.append(folder.name)
+    return removed
+
+
+def feature_spec(features: hade_heads.AudioFeatures) -> dict[str, dict]:
+  """Per feature: the shape of one clip's array and its dtype."""
+  return {name: {"shape": list(a.shape[1:]), "dtype": str(a.dtype)}
+          for name, a in flatten_features(features).items()}
+
+
+def list_audio(audio_dir: str | os.PathLike) -> list[str]:
+  """Audio files under `audio_dir` (recursively), relative POSIX paths in sorted order."""
+  root = pathlib.Path(audio_dir).expanduser()
+  if not root.is_dir():
+    raise FileNotFoundError(f"no audio folder at {root}")
+  files = [p.relative_to(root).as_posix() for p in root.rglob("*")
+           if p.is_file() and p.suffix.lower() in audio_io.AUDIO_EXTENSIONS]
+  return sorted(files)
+
+
+def model_record(hade: api.Hade) -> dict:
+  return {"checkpoint": hade.checkpoint, "config": hade.config.to_dict(),
+          "fingerprint": hade.fingerprint()}
+
+
+def check_same_model(index: Index, hade: api.Hade) -> None:
+  if index.manifest["model"]["fingerprint"] != hade.fingerprint():
+    raise ValueError(
+        f"the index {index.path} was built with the model of "
+        f"{index.manifest['model']['checkpoint'] or '(in memory)'}, not with this one "
+        f"({hade.checkpoint or '(in memory)'}): its features cannot be scored with it. Query it "
+        "with its own model, or build a new index.")
+  if index.manifest["audio"]["settings"] != hade.settings():
+    raise ValueError(f"the index {index.path} was built with audio settings "
+                     f"{index.manifest['audio']['settings']}, this model uses {hade.settings()}")
+
+
+def build_index(hade: api.Hade, audio_dir: str | os.PathLike, out: str | os.PathLike, *,
+                batch_size: int | None = None, shard_size: int = 1024, progress: bool = True,
+                max_new_clips: int = 0, num_threads: int = 4) -> Index:
+  """Embeds every audio file under `audio_dir` into the index at `out`, resuming it if present.
+
+  Args:
+    hade: the model (an existing index must have been built with the same weights).
+    audio_dir: the folder of audio files (searched recursively).
+    out: the index folder.
+    batch_size: clips per encoder call (default config.eval_batch_size).
+    shard_size: clips per shard (the unit of work an interruption can lose).
+    progress: show a progress bar.
+    max_new_clips: stop after this many new clips (0 = all), as if interrupted.
+    num_threads: decoding threads.
+
+  Returns:
+    The index.
+  """
+  root = pathlib.Path(audio_dir).expanduser().absolute()
+  files = list_audio(root)
+  out = pathlib.Path(out).expanduser().absolute()
+  batch_size = batch_size or hade.batch_size
+  if (out / MANIFEST).is_file():
+    index = Index(out)
+    check_same_model(index, hade)
+    if index.manifest["audio"]["root"] != str(root):
+      log.warning("the index %s was started on %s; continuing with the files of %s", out,
+                  index.manifest["audio"]["root"], root)
+    removed = index.remove_partial_shards()
+    if removed:
+      log.warning("removed unfinished shard(s) %s of an interrupted run", removed)
+  else:
+    if not files:
+      raise FileNotFoundError(f"no audio files ({', '.join(audio_io.AUDIO_EXTENSIONS)}) under "
+                              f"{root}")
+    probe = hade.embed_waves([np.zeros(hade.num_samples, np.float32)], 1)
+    index = Index.create(out, model=model_record(hade), features=feature_spec(probe),
+                         audio={"root": str(root), "settings": hade.settings()})
+  done = set(index.names) | {s["file"] for s in index.skipped}
+  todo = [f for f in files if f not in done]
+  if max_new_clips:
+    todo = todo[:max_new_clips]
+  log.info("index %s: %d clips done, %d skipped, %d to embed", out, len(index.names),
+           len(index.skipped), len(todo))
+  bar = tqdm.tqdm(total=len(done) + len(todo), initial=len(done), unit="clip",
+                  disable=not progress, desc="indexing")
+  names, feats, skipped = [], [], []
+
+  def flush():
+    if names or skipped:
+      index.append(names, retrieval.concat_features(feats) if feats else None, skipped)
+      names.clear()
+      feats.clear()
+      skipped.clear()
+
+  def load(name):
+    try:
+      return hade.load_audio(root / name)
+    except audio_io.AudioError as e:
+      return e
+
+  try:
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+      for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        waves, ok = [], []
+        for name, wave in zip(batch, pool.map(load, batch), strict=True):
+          if isinstance(wave, audio_io.AudioError):
+            log.warning("skipping %s", wave)
+            skipped.append({"file": name, "reason": wave.reason, "detail": wave.detail})
+          else:
+            waves.append(wave)
+            ok.append(name)
+        if waves:
+          feats.append(hade.embed_waves(waves, batch_size))
+          names.extend(ok)
+        bar.update(len(batch))
+        if len(names) >= shard_size:
+          flush()
+  finally:  # an interruption (Ctrl-C) still keeps what was embedded
+    flush()
+    bar.close()
+  return index
+
+
+# ---------------------------------------------------------------------------------------------
+# Queries.
+
+
+def load_for_index(index: Index, config: ml_collections.ConfigDict | None = None) -> api.Hade:
+  """The model an index was built with (its checkpoint, with the config saved in the index)."""
+  model = index.manifest["model"]
+  if not model.get("checkpoint"):
+    raise ValueError(f"the index {index.path} was built with a model in memory; pass that "
+                     "model (api.Hade) instead of loading one")
+  config = config if config is not None else ml_collections.ConfigDict(model["config"])
+  hade = api.Hade.load(model["checkpoint"], config)
+  check_same_model(index, hade)
+  return hade
+
+
+def top_k_agreement(a: retrieval.SearchResult, b: retrieval.SearchResult) -> float:
+  """Mean fraction of b's top k per query that a also returned (recall of a against b)."""
+  found = [len(set(x.tolist()) & set(y.tolist())) / max(len(y), 1)
+           for x, y in zip(a.rows_QxK, b.rows_QxK, strict=True)]
+  return float(np.mean(found))
+
+
+def query(hade: api.Hade, index: Index, queries: Sequence[str], *, k: int = 10,
+          shortlist: int = 1000, compare: bool = False, repeat: int = 0
+          ) -> tuple[list[list[api.Hit]], dict]:
+  """Runs the queries; returns (hits per query, timings and comparison).
+
+  With `repeat`, text embedding and search run that many more times and the timings are the
+  median of those runs (without the first call's compilation).
+  """
+  def run():
+    t0 = time.perf_counter()
+    text = hade.embed_text(list(queries))
+    t1 = time.perf_counter()
+    if shortlist:
+      result = searcher.search(text, k, shortlist)
+    else:
+      result = searcher.exhaustive(text, k, tile=hade.tile)
+    return text, result, t1 - t0, time.perf_counter() - t1
+
+  t0 = time.perf_counter()
+  searcher = hade.searcher(index)
+  load_s = time.perf_counter() - t0
+  text, result, embed_s, search_s = run()
+  if repeat:
+    times = np.array([run()[2:] for _ in range(repeat)])
+    embed_s, search_s = np.median(times, axis=0)
+  t3 = time.perf_counter()
+  info = {"embed_ms": 1e3 * embed_s, "load_ms": 1e3 * load_s, "search_ms": 1e3 * search_s,
+          "warm": bool(repeat), "shortlist": result.shortlist, "corpus": len(index)}
+  if compare and shortlist:
+    reference = searcher.exhaustive(text, k, tile=hade.tile)
+    info["exhaustive_ms"] = 1e3 * (time.perf_counter() - t3)
+    info["recall_vs_exhaustive"] = top_k_agreement(result, reference)
+  hits = [[api.Hit(index.names[r], float(s), int(r)) for r, s in zip(rows, scores, strict=True)]
+          for rows, scores in zip(result.rows_QxK, result.scores_QxK, strict=True)]
+  return hits, info
+
+
+def format_hits(queries: Sequence[str], hits: list[list[api.Hit]], info: dict) -> str:
+  mode = (f"two-stage: {info['shortlist']} of {info['corpus']} clips re-ranked"
+          if info["shortlist"] < info["corpus"] else f"exhaustive over {info['corpus']} clips")
+  when = ("median of repeated runs" if info["warm"]
+          else "first call: includes compilation; --repeat=N times warm runs")
+  lines = [f"{mode}; text {info['embed_ms']:.1f} ms, search {info['search_ms']:.1f} ms ({when})"]
+  if "recall_vs_exhaustive" in info:
+    lines.append(f"two-stage kept {100 * info['recall_vs_exhaustive']:.1f}% of the exhaustive "
+                 f"top {len(hits[0])} (exhaustive search: {info['exhaustive_ms']:.1f} ms)")
+  for q, query_hits in zip(queries, hits, strict=True):
+    lines.append(f"\n{q}")
+    lines += [f"{i + 1:4d}  {h.score:9.4f}  {h.name}" for i, h in enumerate(query_hits)]
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m hade_jax.search",
+                                   description=__doc__.split("\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  build = sub.add_parser("index", help="embed a folder of audio files (resumable)")
+  hade_eval.add_model_flags(build, required=False)
+  build.add_argument("--audio_dir", required=True, help="folder of audio files (recursive)")
+  build.add_argument("--out", required=True, help="index folder (an existing one is resumed)")
+  build.add_argument("--batch_size", type=int, default=0, help="default: config.eval_batch_size")
+  build.add_argument("--shard_size", type=int, default=1024, help="clips per shard")
+  build.add_argument("--no_progress", action="store_true")
+  ask = sub.add_parser("query", help="search an index with text")
+  ask.add_argument("--index", required=True)
+  ask.add_argument("--k", type=int, default=10, help="results per query")
+  ask.add_argument("--shortlist", type=int, default=1000,
+                   help="clips re-ranked with the full score (0 = exhaustive)")
+  ask.add_argument("--compare", action="store_true",
+                   help="also run the exhaustive search and report the recall kept")
+  ask.add_argument("--repeat", type=int, default=0,
+                   help="run N more times and report the median (warm) latency")
+  ask.add_argument("queries", nargs="+", help="text queries")
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None):
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  if args.command == "index":
+    out = pathlib.Path(args.out).expanduser()
+    checkpoint, config = args.checkpoint, None
+    if (out / MANIFEST).is_file() and not checkpoint:
+      model = Index(out).manifest["model"]
+      checkpoint, config = model["checkpoint"], ml_collections.ConfigDict(model["config"])
+    if not checkpoint:
+      raise SystemExit("a new index needs --checkpoint (or --workdir)")
+    args.checkpoint = checkpoint
+    config = hade_eval.model_config_for(args) or config
+    hade = api.Hade.load(checkpoint, config, which=args.which)
+    index = build_index(hade, args.audio_dir, out, batch_size=args.batch_size or None,
+                        shard_size=args.shard_size, progress=not args.no_progress)
+    print(f"index {index.path}: {len(index)} clips, {len(index.skipped)} skipped")
+    return index
+  index = Index(args.index)
+  hade = load_for_index(index)
+  hits, info = query(hade, index, args.queries, k=args.k, shortlist=args.shortlist,
+                     compare=args.compare, repeat=args.repeat)
+  print(format_hits(args.queries, hits, info))
+  return hits
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
