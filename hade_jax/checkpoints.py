@@ -155,11 +155,3 @@ def restore_state(directory: str | pathlib.Path, abstract_state: Any) -> tuple[i
         state=ocp.args.StandardRestore(abstract_state)))
   return step, restored["state"]
 
-
-def read_config(directory: str | pathlib.Path) -> dict:
-  """The resolved config saved with a checkpoint step directory (`<dir>/<step>/config`)."""
-  directory = pathlib.Path(directory)
-  candidates = sorted(directory.glob("config/*.json")) or sorted(directory.glob("*/config/*.json"))
-  if not candidates:
-    raise FileNotFoundError(f"no saved config under {directory}")
-  return json.loads(candidates[-1].read_text())
