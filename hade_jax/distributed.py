@@ -17,6 +17,7 @@ On CPU (tests, `--num_processes=2` on one machine) the cross-process collectives
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import os
@@ -147,20 +148,29 @@ def on_cloud_tpu_vm() -> bool:
   return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
 
 
+_JOINED: Plan | None = None  # the plan carried out by this process's first `initialize`
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> Plan:
   """Joins the multi-process run (or stays single); call before anything touches a device.
 
   Arguments left None come from the absl flags above (when parsed), then the environment.
+  A process joins once: later calls (several entry points in one program) return the plan
+  that was carried out.
 
   Returns:
     The plan that was carried out.
   """
+  global _JOINED
+  if _JOINED is not None:
+    return _JOINED
   if flags.FLAGS.is_parsed():
     coordinator_address = coordinator_address or _COORDINATOR.value
     num_processes = num_processes if num_processes is not None else _NUM_PROCESSES.value
     process_id = process_id if process_id is not None else _PROCESS_ID.value
   p = plan(coordinator_address, num_processes, process_id, on_cloud_tpu=on_cloud_tpu_vm())
+  _JOINED = p
   if p.mode == "single":
     return p
   if ("JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ
@@ -179,3 +189,33 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
            jax.process_count(), p.mode, p.source, jax.local_device_count(),
            jax.device_count())
   return p
+
+
+def add_argparse_flags(parser: argparse.ArgumentParser) -> None:
+  """The three settings as argparse options, for the entry points that use argparse
+  (`hade_jax.eval`, `hade_jax.search`); pass the parsed values to `initialize`."""
+  group = parser.add_argument_group("multi-process (see hade_jax/distributed.py)")
+  group.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                     help=flags.FLAGS[_COORDINATOR.name].help)
+  group.add_argument("--num_processes", type=int, default=None, metavar="N",
+                     help=flags.FLAGS[_NUM_PROCESSES.name].help)
+  group.add_argument("--process_id", type=int, default=None, metavar="I",
+                     help=flags.FLAGS[_PROCESS_ID.name].help)
+
+
+def initialize_from_args(args: argparse.Namespace) -> Plan:
+  """`initialize` from options added by `add_argparse_flags`; then only process 0 logs INFO."""
+  p = initialize(args.coordinator_address, args.num_processes, args.process_id)
+  quiet_other_processes()
+  return p
+
+
+def is_main_process() -> bool:
+  """True on the process that writes results and prints them (process 0)."""
+  return jax.process_index() == 0
+
+
+def quiet_other_processes() -> None:
+  """Process 0 tells the story; the others speak up only for warnings and errors."""
+  if jax.process_index() != 0:
+    logging.getLogger().setLevel(logging.WARNING)

@@ -23,6 +23,12 @@ With `shortlists`, the text-to-audio metrics of two-stage search (global-cosine 
 clips, re-ranked by the full score) are reported next to the exhaustive ones, with the recall
 each shortlist loses.
 
+Several hosts (a TPU slice, GPU nodes): run the same command on every host, with
+--coordinator_address/--num_processes/--process_id or their environment variables (see
+hade_jax/distributed.py). Every process reads the whole evaluation set (the data and the
+checkpoint must be readable on every host); the weights are replicated and each encoder batch
+and score tile is split over all devices of all hosts; process 0 writes the results.
+
 Legend: A: clips, T: captions, S: samples, M: words, D: joint width.
 """
 
@@ -49,7 +55,7 @@ import soundfile
 from jax.sharding import Mesh
 
 from data_pipelines import readers
-from hade_jax import api, data, hade, metrics, retrieval, tokenizer
+from hade_jax import api, data, distributed, hade, metrics, retrieval, tokenizer
 from hade_jax import heads as hade_heads
 
 log = logging.getLogger("hade_jax.eval")
@@ -397,14 +403,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--shortlists", default="", help="two-stage shortlist sizes, e.g. 10,50")
   parser.add_argument("--max_clips", type=int, default=0, help="first N clips only")
   parser.add_argument("--save_scores", action="store_true", help="also write scores.npy")
+  distributed.add_argparse_flags(parser)
   return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
   args = parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      force=True)  # a library may have configured the root logger on import
   if args.split and args.csv:
     raise SystemExit("give --split or --csv, not both")
+  # Every process runs this same command; they share the device work, process 0 writes.
+  distributed.initialize_from_args(args)
   config = model_config_for(args)
   shortlists = [int(s) for s in args.shortlists.split(",") if s.strip()]
   step_dir = api.checkpoint_step_dir(args.checkpoint, args.which)
@@ -417,8 +427,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                     true_recall=args.true_recall, intervals=not args.no_intervals,
                     shortlists=shortlists, max_clips=args.max_clips,
                     save_scores=args.save_scores)
-  print(summary(result, shortlists))
-  print(f"results: {out}")
+  if distributed.is_main_process():
+    print(summary(result, shortlists))
+    print(f"results: {out}")
   return result
 
 

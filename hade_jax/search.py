@@ -17,6 +17,11 @@ weights: queries load that model, and an index is never extended or queried with
 only (their tokens read from the memory-mapped shards). `--shortlist=0` scores every clip;
 `--compare` runs both and reports how many of the exhaustive top k the two-stage search kept.
 
+Several hosts: run the same command on every host (multi-process flags or environment, see
+hade_jax/distributed.py). Every process decodes the same batches and the encoder splits each
+batch over all devices of all hosts; process 0 alone writes the index. The audio folder (and,
+for `query`, the index) must be readable on every host, e.g. a shared filesystem.
+
 Index layout:
   index.json                       manifest (format, model, audio settings, shards, skipped)
   shards/000000/names.json         the shard's files, relative to the audio folder
@@ -43,7 +48,7 @@ import numpy as np
 import tqdm
 
 from data_pipelines import audio_io
-from hade_jax import api, retrieval
+from hade_jax import api, distributed, retrieval
 from hade_jax import eval as hade_eval
 from hade_jax import heads as hade_heads
 
@@ -252,7 +257,7 @@ def check_same_model(index: Index, hade: api.Hade) -> None:
 
 def build_index(hade: api.Hade, audio_dir: str | os.PathLike, out: str | os.PathLike, *,
                 batch_size: int | None = None, shard_size: int = 1024, progress: bool = True,
-                max_new_clips: int = 0, num_threads: int = 4) -> Index:
+                max_new_clips: int = 0, num_threads: int = 4) -> Index | None:
   """Embeds every audio file under `audio_dir` into the index at `out`, resuming it if present.
 
   Args:
@@ -266,19 +271,26 @@ def build_index(hade: api.Hade, audio_dir: str | os.PathLike, out: str | os.Path
     num_threads: decoding threads.
 
   Returns:
-    The index.
+    The index. On processes other than 0 (which only embed): the index as process 0 wrote it,
+    or None when its folder is not visible from this host.
   """
   root = pathlib.Path(audio_dir).expanduser().absolute()
   files = list_audio(root)
   out = pathlib.Path(out).expanduser().absolute()
   batch_size = batch_size or hade.batch_size
+  # With several processes all of them embed (the encoder is one program over every device)
+  # and process 0 writes; every process reads what is done before process 0 changes anything.
+  writes = distributed.is_main_process()
+  index = None
   if (out / MANIFEST).is_file():
     index = Index(out)
     check_same_model(index, hade)
+    done = set(index.names) | {s["file"] for s in index.skipped}
+    _sync_processes("hade_jax.search.read_index")
     if index.manifest["audio"]["root"] != str(root):
       log.warning("the index %s was started on %s; continuing with the files of %s", out,
                   index.manifest["audio"]["root"], root)
-    removed = index.remove_partial_shards()
+    removed = index.remove_partial_shards() if writes else []
     if removed:
       log.warning("removed unfinished shard(s) %s of an interrupted run", removed)
   else:
@@ -286,20 +298,21 @@ def build_index(hade: api.Hade, audio_dir: str | os.PathLike, out: str | os.Path
       raise FileNotFoundError(f"no audio files ({', '.join(audio_io.AUDIO_EXTENSIONS)}) under "
                               f"{root}")
     probe = hade.embed_waves([np.zeros(hade.num_samples, np.float32)], 1)
-    index = Index.create(out, model=model_record(hade), features=feature_spec(probe),
-                         audio={"root": str(root), "settings": hade.settings()})
-  done = set(index.names) | {s["file"] for s in index.skipped}
+    _sync_processes("hade_jax.search.read_index")
+    if writes:
+      index = Index.create(out, model=model_record(hade), features=feature_spec(probe),
+                           audio={"root": str(root), "settings": hade.settings()})
+    done = set()
   todo = [f for f in files if f not in done]
   if max_new_clips:
     todo = todo[:max_new_clips]
-  log.info("index %s: %d clips done, %d skipped, %d to embed", out, len(index.names),
-           len(index.skipped), len(todo))
+  log.info("index %s: %d clips or files done, %d to embed", out, len(done), len(todo))
   bar = tqdm.tqdm(total=len(done) + len(todo), initial=len(done), unit="clip",
-                  disable=not progress, desc="indexing")
+                  disable=not (progress and writes), desc="indexing")
   names, feats, skipped = [], [], []
 
   def flush():
-    if names or skipped:
+    if (names or skipped) and writes:
       index.append(names, retrieval.concat_features(feats) if feats else None, skipped)
       names.clear()
       feats.clear()
@@ -332,7 +345,20 @@ def build_index(hade: api.Hade, audio_dir: str | os.PathLike, out: str | os.Path
   finally:  # an interruption (Ctrl-C) still keeps what was embedded
     flush()
     bar.close()
+  _sync_processes("hade_jax.search.index_written")
+  if not writes:  # process > 0: the index as process 0 wrote it, if this host can see it
+    index = Index(out) if (out / MANIFEST).is_file() else None
   return index
+
+
+def _sync_processes(name: str) -> None:
+  """A barrier across processes (nothing with one process)."""
+  import jax
+
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,6 +451,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   build.add_argument("--batch_size", type=int, default=0, help="default: config.eval_batch_size")
   build.add_argument("--shard_size", type=int, default=1024, help="clips per shard")
   build.add_argument("--no_progress", action="store_true")
+  distributed.add_argparse_flags(build)
   ask = sub.add_parser("query", help="search an index with text")
   ask.add_argument("--index", required=True)
   ask.add_argument("--k", type=int, default=10, help="results per query")
@@ -434,13 +461,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="also run the exhaustive search and report the recall kept")
   ask.add_argument("--repeat", type=int, default=0,
                    help="run N more times and report the median (warm) latency")
+  distributed.add_argparse_flags(ask)
   ask.add_argument("queries", nargs="+", help="text queries")
   return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None):
   args = parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      force=True)  # a library may have configured the root logger on import
+  distributed.initialize_from_args(args)
   if args.command == "index":
     out = pathlib.Path(args.out).expanduser()
     checkpoint, config = args.checkpoint, None
@@ -454,13 +484,15 @@ def main(argv: Sequence[str] | None = None):
     hade = api.Hade.load(checkpoint, config, which=args.which)
     index = build_index(hade, args.audio_dir, out, batch_size=args.batch_size or None,
                         shard_size=args.shard_size, progress=not args.no_progress)
-    print(f"index {index.path}: {len(index)} clips, {len(index.skipped)} skipped")
+    if distributed.is_main_process():
+      print(f"index {index.path}: {len(index)} clips, {len(index.skipped)} skipped")
     return index
   index = Index(args.index)
   hade = load_for_index(index)
   hits, info = query(hade, index, args.queries, k=args.k, shortlist=args.shortlist,
                      compare=args.compare, repeat=args.repeat)
-  print(format_hits(args.queries, hits, info))
+  if distributed.is_main_process():
+    print(format_hits(args.queries, hits, info))
   return hits
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -30,9 +29,7 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   distributed.initialize()
-  if jax.process_index() != 0:
-    # Process 0 tells the story; the others speak up only for warnings and errors.
-    logging.getLogger().setLevel(logging.WARNING)
+  distributed.quiet_other_processes()
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

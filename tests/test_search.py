@@ -16,24 +16,15 @@ import pytest
 import soundfile
 from flax import nnx
 
-from hade_jax import api, checkpoints, hade, metrics, retrieval, search, trainer
+from hade_jax import api, metrics, retrieval, search
 from hade_jax import heads as hade_heads
-from tests.tiny_train_config import tiny_config
+from tests.tiny_train_config import save_random_checkpoint
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, minilm_dir) -> pathlib.Path:
   """A checkpoint of a randomly initialised tiny HADE, laid out as the trainer writes it."""
-  config = tiny_config("", minilm_dir)
-  model = hade.HadeModel(trainer.model_config(config), rngs=nnx.Rngs(3))
-  _, params, rest = trainer.split_model(model)
-  wd = tmp_path_factory.mktemp("wd")
-  ckpt = checkpoints.Checkpoints(wd, keep=1, best_metric=None)
-  ckpt.save(0, {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest}, None,
-            config.to_dict())
-  ckpt.wait()
-  ckpt.close()
-  return wd
+  return save_random_checkpoint(tmp_path_factory.mktemp("wd"), minilm_dir)
 
 
 @pytest.fixture(scope="module")

@@ -54,3 +54,23 @@ def tiny_config(data_dir: pathlib.Path | str = "", minilm_dir: pathlib.Path | st
 def get_config(arg=None):
   del arg
   return tiny_config(final_eval_split="test")
+
+
+def save_random_checkpoint(workdir: pathlib.Path, minilm_dir: pathlib.Path | str, seed: int = 3
+                           ) -> pathlib.Path:
+  """A checkpoint of a randomly initialised tiny HADE in `workdir`, as the trainer lays it out
+  (step 0). Search and evaluation need a model, not a good one."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from hade_jax import checkpoints, hade, trainer
+
+  config = tiny_config("", minilm_dir)
+  model = hade.HadeModel(trainer.model_config(config), rngs=nnx.Rngs(seed))
+  _, params, rest = trainer.split_model(model)
+  ckpt = checkpoints.Checkpoints(workdir, keep=1, best_metric=None)
+  ckpt.save(0, {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest}, None,
+            config.to_dict())
+  ckpt.wait()
+  ckpt.close()
+  return workdir
