@@ -5,16 +5,23 @@ What happens to each kind of input (the bad-input policy of the prepare step):
 | input                                  | outcome                                              |
 |----------------------------------------|------------------------------------------------------|
 | mono 16-bit PCM at the target rate     | stored bit-exact                                     |
-| any other rate                         | resampled with soxr (quality `HQ`)                   |
+| any other rate from 1 kHz up           | resampled with soxr (quality `HQ`); length =         |
+|                                        | frames * target / source rate (+-1)                  |
+| a rate below 1 kHz (a damaged header:  | `AudioError('unsupported_rate')`: clip skipped and   |
+| 1 Hz would turn each frame into 16,000)| reported                                             |
 | stereo or multi-channel                | downmixed to the mean of the channels                |
 | 24/32-bit or float samples             | converted; float peaks above full scale attenuated   |
 |                                        | to full scale (not clipped)                          |
 | truncated WAV (header longer than data)| the samples present are kept; reported as a note     |
-| zero frames                            | `AudioError('empty')`: clip skipped and reported     |
+| truncated FLAC (or other compressed)   | `AudioError('unreadable')` (libsndfile stops there)  |
+| zero frames, or too few to survive     | `AudioError('empty')`: clip skipped and reported     |
+| resampling to the target rate          |                                                      |
 | NaN or Inf samples                     | `AudioError('non_finite')`: clip skipped and reported|
 | not an audio file / corrupt header     | `AudioError('unreadable')`: clip skipped and reported|
 
 In strict mode the prepare step turns every `AudioError` into a failure naming the file.
+Whatever the bytes of the file, `decode` returns a `DecodedAudio` (int16, 1-D, at the target
+rate) or raises `AudioError` naming the file; no decoder or resampler error escapes.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ import soxr
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".w64", ".rf64")
 
 _INT16_SCALE = 32768.0  # soundfile maps PCM16 to float as int / 32768.
+# Lowest source rate accepted. Real recordings are stored at 8 kHz or more; a header claiming a
+# few Hz is damage, and resampling it would inflate every frame to thousands of samples.
+MIN_SOURCE_RATE = 1_000
 
 
 class AudioError(ValueError):
@@ -39,7 +49,7 @@ class AudioError(ValueError):
 
   Attributes:
     path: the file.
-    reason: a short tag: 'unreadable', 'empty' or 'non_finite'.
+    reason: a short tag: 'unreadable', 'empty', 'non_finite' or 'unsupported_rate'.
     detail: what exactly was wrong.
   """
 
@@ -117,12 +127,22 @@ def decode(path: os.PathLike | str, sample_rate: int, *, quality: str = "HQ") ->
     quality: soxr resampling quality ('QQ', 'LQ', 'MQ', 'HQ', 'VHQ').
 
   Returns:
-    The decoded clip.
+    The decoded clip: `samples` int16 [S] with S = frames * sample_rate / source_rate (+-1;
+    S = frames, bit-exact samples, for mono PCM16 at `sample_rate`), `sample_rate` the target,
+    `source_rate` / `source_channels` the file's.
 
   Raises:
-    AudioError: the file is unreadable, empty or holds NaN/Inf samples.
+    AudioError: the file is unreadable (not audio, a corrupt header, a truncated compressed
+      stream), empty (zero frames, or none left after resampling), holds NaN/Inf samples or
+      has a source rate below `MIN_SOURCE_RATE`; the message names the file.
+    ValueError: `sample_rate` is not a positive integer (a caller error, not a file problem).
   """
   path = pathlib.Path(path)
+  if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | np.integer) or (
+      sample_rate <= 0):
+    raise ValueError(f"decode({path}): the target sample_rate must be a positive integer, got "
+                     f"{sample_rate!r}")
+  sample_rate = int(sample_rate)
   notes = []
   try:
     info = soundfile.info(str(path))
@@ -135,6 +155,9 @@ def decode(path: os.PathLike | str, sample_rate: int, *, quality: str = "HQ") ->
     raise AudioError(path, "unreadable", f"{type(e).__name__}: {e}") from e
   if data.shape[0] == 0:
     raise AudioError(path, "empty", "the file holds zero audio frames")
+  if source_rate < MIN_SOURCE_RATE:
+    raise AudioError(path, "unsupported_rate", f"the header says {source_rate} Hz; rates below "
+                     f"{MIN_SOURCE_RATE} Hz are not audio recordings (damaged header?)")
   truncation = wav_truncation(path)
   if truncation:
     notes.append("truncated")
@@ -158,7 +181,11 @@ def decode(path: os.PathLike | str, sample_rate: int, *, quality: str = "HQ") ->
     x = x / peak
     notes.append("attenuated")
   if source_rate != sample_rate:
-    x = soxr.resample(x, source_rate, sample_rate, quality=quality)
+    try:
+      x = soxr.resample(x, source_rate, sample_rate, quality=quality)
+    except (ValueError, RuntimeError) as e:
+      raise AudioError(path, "unreadable", f"resampling {source_rate} Hz -> {sample_rate} Hz "
+                       f"failed: {type(e).__name__}: {e}") from e
     notes.append("resampled")
     if len(x) == 0:
       raise AudioError(path, "empty", f"{data.shape[0]} frames at {source_rate} Hz resample "

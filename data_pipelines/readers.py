@@ -10,14 +10,20 @@ CSV policy:
   is decoded as ISO-8859-1 (the encoding of the Clotho metadata CSVs) and reported. CRLF, LF
   and CR line endings are accepted; quoting follows RFC 4180 (Clotho file names contain
   commas, quotes, `#`, `&`, `;` and leading spaces, so names are never stripped).
-- Captions are whitespace-normalised (strip, runs collapsed to one space); an empty or
-  whitespace-only caption is dropped and reported; a clip left with no caption is skipped.
-- A row with the wrong number of fields, a blank file name or an unparseable start time is
-  skipped and reported; so is a second row for the same clip (Clotho).
+- Captions are normalised by `normalize_caption` (control characters become spaces, then
+  whitespace is stripped and runs collapsed to one space); an empty or whitespace-only caption
+  is dropped and reported; a clip left with no caption is skipped.
+- A row with the wrong number of fields, a blank file name or a start time that is not a plain
+  decimal number of seconds ('30', '30.5') is skipped and reported; so is a second row for the
+  same clip (Clotho).
+- Whatever the bytes of the file, a reader returns clips (each issue reported) or raises
+  `DataError` naming the file (and the line where there is one); no other exception escapes
+  for bad content.
 """
 
 from __future__ import annotations
 
+import codecs
 import collections
 import csv
 import dataclasses
@@ -38,6 +44,10 @@ CLOTHO_SPLITS = {"train": "development", "validation": "validation", "test": "ev
 AUDIOCAPS_SPLITS = {"train": "train", "validation": "val", "test": "test"}
 
 _UTF8_BOM = b"\xef\xbb\xbf"
+# Unicode category Cc: C0 controls, DEL and C1 controls.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# AudioCaps start times as written in the CSVs and file names: plain decimal seconds.
+_START_TIME = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", re.ASCII)
 
 
 class DataError(ValueError):
@@ -51,7 +61,7 @@ class Issue:
   Attributes:
     kind: 'non_utf8', 'malformed_row', 'empty_caption', 'no_captions', 'duplicate_clip',
       'missing_audio', 'ambiguous_audio', or an `audio_io.AudioError` reason ('unreadable',
-      'empty', 'non_finite').
+      'empty', 'non_finite', 'unsupported_rate').
     path: the CSV or audio file at fault.
     line: 1-based line in `path` (None for audio files).
     detail: what is wrong and what was done about it.
@@ -84,6 +94,7 @@ ISSUE_OUTCOMES = {
     "unreadable": "clip skipped",
     "empty": "clip skipped",
     "non_finite": "clip skipped",
+    "unsupported_rate": "clip skipped",
 }
 
 
@@ -157,19 +168,43 @@ class ClipEntry:
 
 
 def normalize_caption(text: str) -> str:
+  """A caption as stored: control characters as spaces, whitespace stripped and collapsed.
+
+  Control characters (Unicode category Cc: NUL, ESC, DEL, C1 codes, ...) are never part of a
+  caption; they come from broken exports. The result is '' or a string with no control
+  character, no leading/trailing whitespace and no run of two whitespace characters. Format
+  characters (zero-width joiners of emoji, soft hyphens) are kept.
+  """
+  if not text.isprintable():  # fast path: printable text has no control character
+    text = _CONTROL.sub(" ", text)
   return " ".join(text.split())
 
 
 def decode_lines(path: pathlib.Path, encoding: str, report: Report) -> str:
-  """Reads a text file; 'auto' = UTF-8 per line with an ISO-8859-1 fallback (reported)."""
+  """Reads a text file; 'auto' = UTF-8 per line with an ISO-8859-1 fallback (reported).
+
+  Raises:
+    DataError: an unknown `encoding`, or bytes that are not valid in an explicit `encoding`
+      (naming the file and line).
+    OSError: the file cannot be read.
+  """
+  if encoding != "auto":
+    try:
+      codecs.lookup(encoding)
+    except LookupError as e:
+      raise DataError(f"{path}: unknown text encoding {encoding!r}; pass a Python codec name "
+                      "such as 'utf-8' or 'iso-8859-1', or 'auto'") from e
   raw = path.read_bytes()
   if raw.startswith(_UTF8_BOM):
     raw = raw[len(_UTF8_BOM):]
   if encoding != "auto":
     try:
       return raw.decode(encoding)
+    except LookupError as e:  # a codec that is not bytes -> text, e.g. 'hex' or 'rot13'
+      raise DataError(f"{path}: {encoding!r} is not a text encoding ({e})") from e
     except UnicodeDecodeError as e:
-      line = raw[:e.start].count(b"\n") + 1
+      # The line as the CSV reader counts them: CR, LF and CRLF end a line.
+      line = len((raw[:e.start] + b"x").splitlines())
       raise DataError(
           f"{path}:{line}: bytes {raw[e.start:e.end]!r} are not valid {encoding}; "
           "pass --encoding=auto to decode such lines as ISO-8859-1") from e
@@ -188,8 +223,14 @@ def read_csv(path: os.PathLike | str, encoding: str = "auto",
              report: Report | None = None) -> tuple[list[str], list[tuple[int, list[str]]]]:
   """Reads a CSV as (header, [(first line of the row, fields)]).
 
+  Any bytes give a result or a `DataError`: lines that are not UTF-8 are decoded as ISO-8859-1
+  (reported, with `encoding='auto'`); NUL and other control characters are kept in the fields
+  (captions lose them in `normalize_caption`); blank lines are not rows.
+
   Raises:
-    DataError: unreadable file, NUL bytes or a quoting error, naming the file and line.
+    DataError: unreadable or empty file, unknown encoding, bytes invalid in an explicit
+      encoding, or a CSV syntax error (e.g. a field longer than `csv.field_size_limit()`, as
+      an unclosed quote makes), naming the file and line.
   """
   path = pathlib.Path(path)
   report = report if report is not None else Report()
@@ -218,8 +259,14 @@ def read_clotho_captions(csv_path: os.PathLike | str, *, encoding: str = "auto",
                          report: Report | None = None) -> list[ClipEntry]:
   """Parses a Clotho caption CSV (`file_name,caption_1..caption_5`) into clips in CSV order.
 
+  Returns:
+    The clips in CSV order: unique `clip_id`s (= file names, never stripped), increasing
+    `clip_index` and `line` (>= 2), each with at least one caption, every caption normalised
+    (`normalize_caption`) and non-empty. Every row or caption left out is in `report`.
+
   Raises:
-    DataError: the header is not a Clotho caption header.
+    DataError: the file is unreadable or empty, the header is not a Clotho caption header, or
+      the file is not valid CSV (see `read_csv`); the message names the file and line.
   """
   csv_path = pathlib.Path(csv_path)
   report = report if report is not None else Report()
@@ -270,12 +317,15 @@ def _captions(fields, columns, header, csv_path, line, clip, report) -> list[str
 
 
 def _start_time(text: str) -> str | None:
-  """AudioCaps start time as written in file names: '30', '30.5' (None if not a number)."""
-  try:
-    value = float(text)
-  except ValueError:
+  """AudioCaps start time as written in file names: '30', '30.5' (None if not a number).
+
+  Only plain decimal seconds are accepted: float() would also take '1e400' (inf), 'nan',
+  '1_0' and non-ASCII digits, none of which names a file.
+  """
+  if not _START_TIME.fullmatch(text):
     return None
-  if not value >= 0 or value == float("inf"):
+  value = float(text)
+  if value == float("inf"):  # more digits than a float holds
     return None
   return str(int(value)) if value == int(value) else repr(value)
 
@@ -287,8 +337,14 @@ def read_audiocaps_captions(csv_path: os.PathLike | str, *, encoding: str = "aut
   Rows are not grouped in the official files: clips are (youtube_id, start_time) pairs in
   order of first appearance, with their captions in row order.
 
+  Returns:
+    The clips: unique `clip_id`s `{youtube_id}_{start_time}`, `clip_index` 0, 1, ..., each with
+    at least one normalised, non-empty caption. Every row or caption left out is in `report`.
+
   Raises:
-    DataError: the header lacks youtube_id, start_time or caption.
+    DataError: the file is unreadable or empty, the header lacks youtube_id, start_time or
+      caption, or the file is not valid CSV (see `read_csv`); the message names the file and
+      line.
   """
   csv_path = pathlib.Path(csv_path)
   report = report if report is not None else Report()
@@ -567,6 +623,30 @@ def load_split(dataset: str, manual_dir: os.PathLike | str, split: str, *,
 
 
 def read_ground_truth(path: os.PathLike | str) -> dict[str, dict]:
-  """synthcaps sidecar: {file_name: ground truth} (see `synthcaps`)."""
-  with open(path, encoding="utf-8") as f:
-    return {row["file_name"]: row for row in map(json.loads, f) if row}
+  """synthcaps sidecar: {file_name: ground truth} (see `synthcaps`).
+
+  One JSON object per line; blank lines are skipped.
+
+  Raises:
+    DataError: the file is unreadable or not UTF-8, or a line is not a JSON object with a
+      string 'file_name' (naming the file and line).
+  """
+  path = pathlib.Path(path)
+  try:
+    text = path.read_bytes().decode("utf-8")
+  except OSError as e:
+    raise DataError(f"{path}: cannot read the ground-truth file: {e}") from e
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: not UTF-8 ({e}); regenerate it with data_pipelines.synthcaps") from e
+  out = {}
+  for number, line in enumerate(text.split("\n"), start=1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except ValueError as e:
+      raise DataError(f"{path}:{number}: not a JSON object ({e})") from e
+    if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+      raise DataError(f"{path}:{number}: expected a JSON object with a string 'file_name'")
+    out[row["file_name"]] = row
+  return out

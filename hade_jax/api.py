@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from data_pipelines import audio_io
-from hade_jax import hade, retrieval, tokenizer, trainer
+from hade_jax import hade, retrieval, tokenizer, trainer, validation
 from hade_jax import heads as hade_heads
 
 MemoryIndex = retrieval.MemoryIndex
@@ -107,6 +107,7 @@ def load_model(path: str | os.PathLike, config: ml_collections.ConfigDict | None
   """
   step_dir = checkpoint_step_dir(path, which)
   config = config if config is not None else saved_config(step_dir)
+  validation.validate_config(config, training=False)  # a clear error before building anything
   cfg = trainer.model_config(config)
   abstract = nnx.eval_shape(lambda: hade.HadeModel(cfg, rngs=nnx.Rngs(0)))
   graphdef, params, rest = trainer.split_model(abstract)
@@ -198,7 +199,8 @@ def load_audio(item: AudioItem, *, sample_rate: int, num_samples: int, crop: str
     item_rate: an array's rate (default `sample_rate`); files carry their own.
 
   Raises:
-    audio_io.AudioError: a file that is unreadable, empty or holds NaN/Inf (names the file).
+    audio_io.AudioError: a file that is unreadable, empty, holds NaN/Inf or has a source rate
+        below 1 kHz (names the file).
   """
   if isinstance(item, np.ndarray):
     wave = array_to_mono(item, item_rate or sample_rate, sample_rate)

@@ -6,6 +6,12 @@ tokenizer from the classic files: `vocab.txt` (BERT WordPiece, lower-casing per
 BPE). Output is fixed-shape numpy: int32 ids and mask [T, M], special tokens included,
 truncated then right-padded to `max_len` (M).
 
+Any text gives the fixed-shape output: empty, very long (truncated, the final [SEP] kept),
+emoji, control characters (the normaliser drops them) or lone surrogates (replaced by U+FFFD,
+as they cannot be encoded). `bytes` are decoded as UTF-8, invalid bytes replaced by U+FFFD.
+Every row: ids[0] is [CLS] (<s>), the mask is L ones then zeros (2 <= L <= M), ids[L-1] is
+[SEP] (</s>), ids[L:] are the pad id. Anything else than str/bytes is a TypeError naming it.
+
 Picklable (Grain worker processes receive it): only the folder and settings are pickled; the
 tokenizer is rebuilt on first use in each process.
 """
@@ -91,18 +97,45 @@ class Tokenizer:
     self._tok, self._pad_id = tok, pad_id
     return tok
 
-  def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenises texts into (input_ids int32 [T, M], attention_mask int32 [T, M])."""
-    encodings = self._load().encode_batch(list(texts))
+  def __call__(self, texts: Sequence[str | bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenises texts into (input_ids int32 [T, M], attention_mask int32 [T, M]).
+
+    Raises:
+      TypeError: `texts` is a single str/bytes (a sequence of texts is expected: use
+        `encode_one` for one text), or an item is neither str nor bytes (naming its index).
+    """
+    if isinstance(texts, str | bytes | bytearray):
+      raise TypeError(f"Tokenizer expects a sequence of texts, got one {type(texts).__name__} "
+                      f"({texts[:40]!r}...); use encode_one(text) or pass [text]")
+    texts = [_as_text(t, i) for i, t in enumerate(texts)]
+    encodings = self._load().encode_batch(texts)
     ids_TxM = np.array([e.ids for e in encodings], dtype=np.int32).reshape(-1, self.max_len)
     mask_TxM = np.array([e.attention_mask for e in encodings],
                         dtype=np.int32).reshape(-1, self.max_len)
     return ids_TxM, mask_TxM
 
   def encode_one(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-    """One text: (input_ids int32 [M], attention_mask int32 [M])."""
-    e = self._load().encode(text)
+    """One text: (input_ids int32 [M], attention_mask int32 [M]) (TypeError if not str/bytes)."""
+    e = self._load().encode(_as_text(text, None))
     return np.asarray(e.ids, dtype=np.int32), np.asarray(e.attention_mask, dtype=np.int32)
+
+
+def _as_text(text, index: int | None) -> str:
+  """A str the Rust tokenizer accepts: bytes decoded as UTF-8, lone surrogates replaced."""
+  if isinstance(text, bytes | bytearray):
+    return bytes(text).decode("utf-8", errors="replace")
+  if not isinstance(text, str):
+    where = "text" if index is None else f"texts[{index}]"
+    raise TypeError(f"{where} is a {type(text).__name__} ({text!r:.60}), expected str or bytes")
+  if text.isascii():
+    return str(text)
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    # Lone surrogates (from surrogateescape'd file names or JSON '\ud83d'): pairs are joined,
+    # the rest become U+FFFD.
+    text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", errors="replace")
+  return str(text)
 
 
 def _token_text(token) -> str | None:
