@@ -116,6 +116,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8  # Adam's epsilon.
   c.optim.clip_norm = 2.0  # global gradient-norm clip (0 = off).
   c.optim.accum_steps = 1  # gradient accumulation (optax.MultiSteps); negatives stay per step.
+  # A step whose loss, gradient or updated state is NaN/Inf: False = stop with NonFiniteError
+  # (the checkpoints hold earlier steps); True = skip it (keep parameters, optimizer state and
+  # batch-norm statistics; the data moves on), counted in train/skipped_steps (checkpointed).
+  c.skip_nonfinite_steps = False
+  c.max_consecutive_skips = 10  # ...and stop after N skipped steps in a row (0 = never).
   c.compute_dtype = "float32"  # 'bfloat16' runs both towers in bf16 (params stay float32).
 
   # -- Devices --------------------------------------------------------------------------------

@@ -199,7 +199,10 @@ def write_shard(job: ShardJob, on_clip=None) -> dict:
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   try:
     for _, example in _examples(job, stats, issues, on_clip):
-      writer.write(serializer.serialize_example(features.encode_example(example)))
+      # Deterministic: the feature map in key order, not in an order that changes from one
+      # process to the next, so the same clips give the same bytes in every preparation.
+      writer.write(serializer.get_tf_example(features.encode_example(example))
+                   .SerializeToString(deterministic=True))
   except BaseException:
     writer.close()
     if os.path.exists(tmp):
@@ -392,6 +395,12 @@ class AudioCaptionBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
     work.mkdir(parents=True, exist_ok=True)
     for leftover in work.glob("*.tmp*"):
       leftover.unlink()  # halves of shards an interrupted run was writing
+    # TFDS writes into a new randomly named `incomplete.*` folder each run and never removes
+    # the one of a killed run (it holds links to finished shards, or copies of them).
+    current = pathlib.Path(self.data_path)
+    for stale in current.parent.glob(f"incomplete.*_{self.version}"):
+      if stale.resolve() != current.resolve():
+        shutil.rmtree(stale, ignore_errors=True)
     jobs = self._jobs(sources, manual_dir)
     manifests, pending = {}, []
     for split_jobs in jobs.values():

@@ -4,10 +4,16 @@ One function cut into labelled sections, in the order they run:
   mesh -> data -> model & optimizer -> shard & init -> restore -> step -> evals -> loop.
 
 Resume order (first that applies):
-  1. a checkpoint in `workdir/checkpoints` (state + Grain iterator: the run continues exactly);
+  1. the newest valid checkpoint in `workdir/checkpoints` (state + Grain iterator: the run
+     continues exactly; a damaged newest one is skipped with a warning, see `checkpoints`);
   2. `config.init.resume` (a checkpoint directory: state only, data order starts afresh);
   3. pretrained imports named in `config.init` (text tower, audio tower, ClapModel);
   4. scratch (`config.seed`).
+
+Faults (tests/test_reliability.py, RELIABILITY.md): a killed run reruns with the same command
+and ends bit-identical to an uninterrupted one. A non-finite loss, gradient or updated state
+stops the run (NonFiniteError, naming the steps) before anything of that step is saved, or,
+with `config.skip_nonfinite_steps`, the step leaves the state as it was and is counted.
 
 Legend: B: global batch, S: samples, M: words.
 """
@@ -40,6 +46,7 @@ from hade_jax import (
     optim,
     retrieval,
     sharding,
+    validation,
 )
 
 log = logging.getLogger("hade_jax")
@@ -91,8 +98,13 @@ def import_pretrained(model: hade.HadeModel, init: ml_collections.ConfigDict) ->
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses.LossConfig,
-                    spec_augment: bool, base_rng: jax.Array):
-  """A pure function (state, batch) -> (state, metrics), compiled once by the caller."""
+                    spec_augment: bool, base_rng: jax.Array, skip_nonfinite: bool = False):
+  """A pure function (state, batch) -> (state, metrics), compiled once by the caller.
+
+  metrics["finite"] says whether the loss, the gradient norm and the updated state are all
+  finite; with `skip_nonfinite` a step where they are not keeps the old parameters, optimizer
+  state and batch-norm statistics (only the step counter advances, with the data).
+  """
 
   def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(base_rng, state["step"])
@@ -119,11 +131,25 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     step_metrics["grad_norm"] = optax.global_norm(grads)
+    finite = (jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(step_metrics["grad_norm"])
+              & _all_finite((params, rest, opt_state)))
+    step_metrics["finite"] = finite
+    if skip_nonfinite:
+      # Where(True, new, old) is `new` bit for bit: finite steps are the normal step.
+      params, rest, opt_state = jax.tree.map(
+          lambda new, old: jnp.where(finite, new, old), (params, rest, opt_state),
+          (state["params"], state["rest"], state["opt_state"]))
     new_state = dict(state, step=state["step"] + 1, params=params, rest=rest,
                      opt_state=opt_state)
     return new_state, step_metrics
 
   return train_step
+
+
+def _all_finite(tree) -> jax.Array:
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +179,8 @@ def rsum(m: dict[str, float], prefix: str) -> dict[str, float]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
                        ) -> dict[str, float]:
   """Trains per `config` in `workdir`, resuming whatever is there; returns the final metrics."""
+  # Every bad field at once, before anything is built or written (hade_jax/validation.py).
+  validation.validate_config(config)
   workdir = pathlib.Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
@@ -209,10 +237,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints,
                                  best_metric=config.best_metric or None)
   restored = ckpt.restore_latest(abstract_state, train_iter.checkpointable)
+  counters = {"skipped_steps": 0, "consecutive_skips": 0}
   if restored is not None:
-    start_step, state, _ = restored
+    start_step, state = restored.step, restored.state
     state = jax.device_put(state, state_sharding)
-    _check_same_global_batch(ckpt, start_step, config.batch_size)
+    _check_same_global_batch(ckpt, start_step, restored.config.get("batch_size"),
+                             config.batch_size)
+    counters |= {k: int(v) for k, v in restored.counters.items() if k in counters}
     log.info("resumed from %s at step %d", ckpt.last.directory, start_step)
   elif config.init.resume:
     start_step, state = checkpoints.restore_state(config.init.resume, abstract_state)
@@ -233,7 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   loss_cfg = losses.LossConfig(**config.loss.to_dict())
   step_fn = jax.jit(
-      make_train_step(graphdef, tx, loss_cfg, bool(config.data.spec_augment), base_rng),
+      make_train_step(graphdef, tx, loss_cfg, bool(config.data.spec_augment), base_rng,
+                      skip_nonfinite=bool(config.skip_nonfinite_steps)),
       in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       donate_argnums=(0,))
@@ -260,45 +292,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   # == Loop ===================================================================================
   step = start_step
   pending = None  # metrics of the previous step, read one step late
-  timer = Timer(step)
   lr_fn = functools.partial(optim.learning_rates, config.optim.lr.to_dict(), total_steps,
                             warmup_steps, end_factor=config.optim.end_factor)
+  report = Reporter(writer, Timer(step), total_steps, config, lr_fn, counters)
   resolved = dict(config_dict, total_steps_resolved=total_steps)
   last_val: dict[str, float] = {}
   stop_at = total_steps
   if config.max_steps_per_run > 0:
     stop_at = min(total_steps, start_step + config.max_steps_per_run)
-  batch_log = (open(workdir / "batches.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+  batch_log = (open_jsonl(workdir / "batches.jsonl")
                if config.log_batch_ids and is_main else None)
-  with mesh:
-    while step < stop_at:
-      local = next(train_iter)
-      if config.log_batch_ids:  # the global batch's clip ids, processes in order
-        clip_ids = sharding.to_host(sharding.global_batch({"c": local["clip_id"]}, mesh))["c"]
-      if batch_log:
-        batch_log.write(json.dumps({"step": step + 1, "clip_id": clip_ids.tolist()}) + "\n")
-        batch_log.flush()
-      batch = sharding.global_batch(local, mesh)
-      state, step_metrics = step_fn(state, batch)
-      step += 1
-      if pending is not None:
-        _report(pending, writer, timer, total_steps, config, lr_fn)
-      pending = (step, step_metrics)
-      if step % config.checkpoint_every_steps == 0 or step in (total_steps, stop_at):
-        _report(pending, writer, timer, total_steps, config, lr_fn, force=True)
-        pending = None
-        ckpt.save(step, state, train_iter.checkpointable, resolved)
-      if (config.eval_every_steps and step % config.eval_every_steps == 0) or step == total_steps:
-        ckpt.wait()
-        last_val = run_eval(step, state)
-        if ckpt.save_best(step, state, resolved, last_val):
-          log.info("step %d is the new best by %s = %.2f", step, config.best_metric,
-                   last_val[config.best_metric])
-  if pending is not None:
-    _report(pending, writer, timer, total_steps, config, lr_fn, force=True)
-  ckpt.wait()
-  if batch_log:
-    batch_log.close()
+
+  def eval_due(step: int) -> bool:
+    return bool(config.eval_every_steps and step % config.eval_every_steps == 0
+                ) or step == total_steps
+
+  def evaluate_and_offer_best(step: int, state) -> dict[str, float]:
+    ckpt.wait()
+    val = run_eval(step, state)
+    if ckpt.save_best(step, state, resolved, val):
+      log.info("step %d is the new best by %s = %.2f", step, config.best_metric,
+               val[config.best_metric])
+    return val
+
+  try:
+    with mesh:
+      if restored is not None and eval_due(start_step):
+        # The step was saved before its evaluation ran: a run killed in between would
+        # otherwise never evaluate it (nor offer it as the best). Deterministic, so repeating a
+        # finished one is harmless.
+        last_val = evaluate_and_offer_best(start_step, state)
+      while step < stop_at:
+        local = next(train_iter)
+        if config.log_batch_ids:  # the global batch's clip ids, processes in order
+          clip_ids = sharding.to_host(
+              sharding.global_batch({"c": local["clip_id"]}, mesh))["c"]
+        if batch_log:
+          batch_log.write(json.dumps({"step": step + 1, "clip_id": clip_ids.tolist()}) + "\n")
+          batch_log.flush()
+        batch = sharding.global_batch(local, mesh)
+        state, step_metrics = step_fn(state, batch)
+        step += 1
+        if pending is not None:
+          report(pending)
+        pending = (step, step_metrics)
+        save_due = step % config.checkpoint_every_steps == 0 or step in (total_steps, stop_at)
+        if save_due or eval_due(step):
+          # Nothing of a step is saved or evaluated before its NaN check.
+          report(pending, force=True)
+          pending = None
+        if save_due:
+          ckpt.save(step, state, train_iter.checkpointable, resolved, counters=counters)
+        if eval_due(step):
+          last_val = evaluate_and_offer_best(step, state)
+    if pending is not None:
+      report(pending, force=True)
+    ckpt.wait()
+  except BaseException:
+    # Saves already started hold earlier steps, checked before they were saved: finish them.
+    _finish_saves(ckpt)
+    raise
+  finally:
+    if batch_log:
+      batch_log.close()
   final = dict(last_val)
   if step < total_steps:  # stopped by max_steps_per_run: the next run resumes
     log.info("stopping at step %d of %d (max_steps_per_run); rerun to continue", step,
@@ -344,9 +400,17 @@ def _eval_model(graphdef, state, mesh) -> hade.HadeModel:
   return nnx.merge(graphdef, params, rest)
 
 
-def _check_same_global_batch(ckpt: checkpoints.Checkpoints, step: int, batch_size: int):
+def _finish_saves(ckpt: checkpoints.Checkpoints) -> None:
+  try:
+    ckpt.wait()
+    ckpt.close()
+  except Exception:  # noqa: BLE001 - the error being raised matters more
+    log.exception("could not finish the checkpoints in flight")
+
+
+def _check_same_global_batch(ckpt: checkpoints.Checkpoints, step: int, saved: int | None,
+                             batch_size: int):
   """The data position carries over (to any number of processes) only with the same batch."""
-  saved = ckpt.saved_config(step).get("batch_size")
   step_dir = pathlib.Path(ckpt.last.directory) / str(step)
   if saved is not None and saved != batch_size:
     raise ValueError(
@@ -357,25 +421,58 @@ def _check_same_global_batch(ckpt: checkpoints.Checkpoints, step: int, batch_siz
         "data order starts afresh).")
 
 
-def _report(pending, writer, timer: Timer, total_steps: int, config, lr_fn,
-            force: bool = False):
-  """Host side of a step, one step late: NaN check, console line, metric files."""
-  step, m = pending
-  m = {k: float(v) for k, v in jax.device_get(m).items()}
-  if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm")):
-    raise NonFiniteError(f"non-finite loss/gradient between steps {step - 1} and {step}: "
-                         f"loss={m['loss']}, grad_norm={m['grad_norm']}")
-  if not (force or step % config.log_every_steps == 0):
-    return
-  rate = timer.rate(step)
-  eta = (total_steps - step) / rate if rate > 0 else float("nan")
-  m |= {"steps_per_s": rate, "clips_per_s": rate * config.batch_size}
-  m |= lr_fn(step)
-  if writer:
-    terms = " ".join(f"{k}={v:.4f}" for k, v in sorted(m.items()) if k.startswith("loss"))
-    log.info("step %d/%d %s | %.2f steps/s %.1f clips/s | ETA %s", step, total_steps, terms,
-             rate, rate * config.batch_size, _fmt_time(eta))
-    writer.write(step, {f"train/{k}": v for k, v in m.items()})
+class Reporter:
+  """Host side of a step, one step late: NaN check, skip count, console line, metric files."""
+
+  def __init__(self, writer: MetricWriter | None, timer: Timer, total_steps: int,
+               config: ml_collections.ConfigDict, lr_fn, counters: dict[str, int]):
+    self.writer, self.timer, self.total_steps = writer, timer, total_steps
+    self.config, self.lr_fn = config, lr_fn
+    self.counters = counters  # updated in place; saved with every checkpoint
+
+  def __call__(self, pending, force: bool = False):
+    step, m = pending
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    self._check_finite(step, m)
+    config = self.config
+    if not (force or step % config.log_every_steps == 0):
+      return
+    rate = self.timer.rate(step)
+    eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+    m |= {"steps_per_s": rate, "clips_per_s": rate * config.batch_size}
+    m |= self.lr_fn(step)
+    if config.skip_nonfinite_steps:
+      m["skipped_steps"] = self.counters["skipped_steps"]
+    if self.writer:
+      terms = " ".join(f"{k}={v:.4f}" for k, v in sorted(m.items()) if k.startswith("loss"))
+      log.info("step %d/%d %s | %.2f steps/s %.1f clips/s | ETA %s", step, self.total_steps,
+               terms, rate, rate * config.batch_size, _fmt_time(eta))
+      self.writer.write(step, {f"train/{k}": v for k, v in m.items()})
+
+  def _check_finite(self, step: int, m: dict[str, float]) -> None:
+    if m.pop("finite"):
+      self.counters["consecutive_skips"] = 0
+      return
+    what = (f"non-finite loss/gradient between steps {step - 1} and {step}: "
+            f"loss={m['loss']}, grad_norm={m['grad_norm']}")
+    if math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]):
+      what = (f"non-finite parameters, optimizer state or batch-norm statistics after the "
+              f"update between steps {step - 1} and {step} (loss={m['loss']}, "
+              f"grad_norm={m['grad_norm']})")
+    cap = self.config.max_consecutive_skips
+    if not self.config.skip_nonfinite_steps:
+      raise NonFiniteError(
+          f"{what}. Nothing from step {step} on was saved: the last checkpoint holds an "
+          "earlier, finite state. --config.skip_nonfinite_steps=True skips such steps.")
+    self.counters["skipped_steps"] += 1
+    self.counters["consecutive_skips"] += 1
+    n = self.counters["consecutive_skips"]
+    if cap and n >= cap:
+      raise NonFiniteError(f"{what}; {n} steps in a row (steps {step - n + 1}..{step}) were "
+                           f"non-finite (config.max_consecutive_skips={cap}): stopping. The "
+                           "last checkpoint holds the state before them.")
+    log.warning("skipped step %d (%d skipped in all, %d in a row): %s", step,
+                self.counters["skipped_steps"], n, what)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -398,11 +495,26 @@ class Timer:
     return r
 
 
+def open_jsonl(path: pathlib.Path):
+  """Opens a JSON-lines file for appending; drops a last line a killed run left unfinished."""
+  if path.exists():
+    with open(path, "rb+") as f:
+      size = f.seek(0, 2)
+      tail_start = max(0, size - (1 << 20))
+      f.seek(tail_start)
+      tail = f.read()
+      if tail and not tail.endswith(b"\n"):
+        cut = tail.rfind(b"\n")
+        if cut >= 0 or tail_start == 0:
+          f.truncate(tail_start + cut + 1)
+  return open(path, "a", encoding="utf-8")  # noqa: SIM115
+
+
 class MetricWriter:
   """metrics.jsonl + TensorBoard event files (process 0 only)."""
 
   def __init__(self, workdir: pathlib.Path):
-    self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+    self.jsonl = open_jsonl(workdir / "metrics.jsonl")
     try:
       from tensorboardX import SummaryWriter
 

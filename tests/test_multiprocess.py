@@ -32,15 +32,6 @@ OVERRIDES = {"total_steps": 6, "checkpoint_every_steps": 3, "eval_every_steps": 
 ATOL, RTOL = 2e-5, 1e-5
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> pathlib.Path:
-  from data_pipelines import builders
-
-  data_dir = tmp_path_factory.mktemp("tfds")
-  builders.prepare("synthcaps", "tiny_16k", data_dir=data_dir)
-  return data_dir
-
-
 def read_state(workdir: pathlib.Path, step: int) -> dict:
   """A saved train state as numpy arrays, whatever devices and processes wrote it."""
   path = workdir / "checkpoints" / str(step) / "state"

