@@ -6,11 +6,14 @@ r"""Input pipeline throughput: prepared records -> device-ready training batches
 Times `make_train_loader` (random crop, caption sampling, tokenisation, SpecAugment stripes,
 batching, Grain worker processes) followed by `jax.device_put` + `block_until_ready`, for
 each --workers value, after --warmup batches (worker start-up is reported separately).
-Prints a markdown table for BENCHMARKS.md.
+Prints a markdown table; with --out, appends the run (date, load, rates) to that JSON file
+(`benchmarks/results/input_pipeline.json`, which BENCHMARKS.md is rendered from; the latest
+KEEP_RUNS runs are kept).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import pathlib
@@ -32,6 +35,8 @@ _THREADS = flags.DEFINE_integer("num_threads", 2, "Threads per process.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Batches before timing.")
 _BATCHES = flags.DEFINE_integer("batches", 30, "Batches timed.")
 _DEVICE_PUT = flags.DEFINE_bool("device_put", True, "Include jax.device_put of each batch.")
+_OUT = flags.DEFINE_string("out", None, "JSON results file to append this run to.")
+KEEP_RUNS = 6
 
 
 def _tokenizer_path() -> str:
@@ -97,6 +102,26 @@ def main(argv):
   print("|---|---|---|---|")
   for workers, cps, mbs, startup in rows:
     print(f"| {workers} | {cps:,.0f} | {mbs:,.0f} | {startup:.1f} |")
+  if _OUT.value:
+    write_run(_OUT.value, {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "label": f"synthcaps {_CONFIG.value} ({_SECONDS.value:g} s clips, {rate // 1000} kHz)"
+                 if _DATASET.value == "synthcaps" else f"{_DATASET.value} {_CONFIG.value}",
+        "dataset": _DATASET.value, "config": _CONFIG.value, "sample_rate": rate,
+        "batch_size": _BATCH.value, "batches": _BATCHES.value, "warmup": _WARMUP.value,
+        "load_before": load_before, "load_after": os.getloadavg()[0],
+        "machine": f"{os.cpu_count()} cores ({platform.processor() or platform.machine()})",
+        "rows": [{"workers": w, "clips_per_s": c, "mb_per_s": m, "startup_s": s}
+                 for w, c, m, s in rows]})
+
+
+def write_run(path: str, run: dict):
+  """Appends `run` to the JSON results file's runs (keeping the latest KEEP_RUNS)."""
+  p = pathlib.Path(path)
+  res = json.loads(p.read_text()) if p.is_file() else {}
+  res["runs"] = (res.get("runs", []) + [run])[-KEEP_RUNS:]
+  p.parent.mkdir(parents=True, exist_ok=True)
+  p.write_text(json.dumps(res, indent=1) + "\n")
 
 
 if __name__ == "__main__":

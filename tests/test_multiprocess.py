@@ -4,21 +4,16 @@ process on another mesh. Plus how `distributed.plan` reads flags and the environ
 """
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import portpicker
 import pytest
 
 from hade_jax import distributed, trainer
+from tests.processes import ROOT, run_in_processes
 from tests.tiny_train_config import tiny_config
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Adam's update is ~sign(g) * lr with eps=1e-8, which turns float noise of the reduction order
 # (Gloo vs in-process all-reduce, another mesh) in near-zero gradients into differences of order
@@ -57,27 +52,10 @@ def jsonl(path: pathlib.Path) -> list[dict]:
 def train_in_processes(workdir: pathlib.Path, overrides: dict, *, processes: int,
                        devices_per_process: int) -> None:
   """`python -m hade_jax.train` in `processes` local processes joined by a coordinator."""
-  port = portpicker.pick_unused_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
-  args = [sys.executable, "-m", "hade_jax.train",
-          f"--config={ROOT}/tests/tiny_train_config.py", f"--workdir={workdir}",
-          f"--coordinator_address=localhost:{port}", f"--num_processes={processes}"]
+  args = [f"--config={ROOT}/tests/tiny_train_config.py", f"--workdir={workdir}"]
   args += [f"--config.{k}={v}" for k, v in overrides.items()]
-  logs = [workdir.parent / f"{workdir.name}.process_{i}.log" for i in range(processes)]
-  running = []
-  for i, log in enumerate(logs):
-    with open(log, "w") as f:
-      running.append(subprocess.Popen(args + [f"--process_id={i}"], cwd=ROOT, env=env,
-                                      stdout=f, stderr=subprocess.STDOUT))
-  try:
-    codes = [p.wait(timeout=400) for p in running]
-  finally:
-    for p in running:
-      if p.poll() is None:
-        p.kill()
-  tails = "\n".join(f"--- {log.name} ---\n{log.read_text()[-3000:]}" for log in logs)
-  assert codes == [0] * processes, tails
+  run_in_processes("hade_jax.train", args, workdir, processes=processes,
+                   devices_per_process=devices_per_process)
 
 
 def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_another_mesh(

@@ -1,0 +1,142 @@
+"""The benchmark's measurement functions at tiny sizes (no timing assertions).
+
+hade_jax and the PyTorch reference (HF ClapModel) built from the same saved weights must embed
+alike; XLA's cost analysis must count a plain matmul's FLOPs; BENCHMARKS.md's renderer must
+produce the comparison tables with their ratio columns from results shaped as
+`benchmarks.compare.run` returns them.
+"""
+
+import numpy as np
+import pytest
+
+from benchmarks import compare, render
+from benchmarks import run as bench_run
+
+
+@pytest.fixture(scope="module")
+def systems(tmp_path_factory):
+  spec = compare.tiny_spec()
+  folder = str(tmp_path_factory.mktemp("clap") / "clap")
+  torch_system = compare.TorchSystem(spec, folder)
+  torch_setup = torch_system.setup()
+  jax_system = compare.JaxSystem(spec, folder, "global")
+  jax_setup = jax_system.setup(embed=True, train=False)
+  return spec, torch_system, torch_setup, jax_system, jax_setup
+
+
+def test_embeddings_agree(systems):
+  spec, torch_system, torch_setup, jax_system, _ = systems
+  mel = torch_system.log_mel()
+  np.testing.assert_allclose(jax_system.log_mel(), mel, atol=1e-3, rtol=0)  # dB
+  ja, jt = jax_system.embeddings(mel)
+  ta, tt = torch_system.reference_embeddings()
+  assert ja.shape == ta.shape == (spec.batch, spec.projection_dim)
+  assert jt.shape == tt.shape == (spec.batch, spec.projection_dim)
+  np.testing.assert_allclose(np.linalg.norm(ja, axis=-1), 1.0, atol=1e-5)
+  assert np.abs(ja - ta).max() < spec.tolerance
+  assert np.abs(jt - tt).max() < spec.tolerance
+  # Same parameters but CLAP's second temperature (logit_scale_a), which HADE does not have.
+  assert torch_setup["params"] - jax_system_params(jax_system) == 1
+
+
+def jax_system_params(jax_system):
+  import jax
+
+  return sum(x.size for x in jax.tree.leaves(jax_system.state["params"]))
+
+
+def test_embedding_calls_and_flops(systems):
+  _, torch_system, _, jax_system, _ = systems
+  for what in ("audio", "text"):
+    assert len(jax_system.embed(what, 2)["times"]) == 2
+    assert len(torch_system.embed(what, 1)["times"]) == 1
+    assert jax_system.embed_flops[what] > 0
+
+
+def test_cost_analysis_counts_a_matmul():
+  spec = compare.tiny_spec(matmul_size=128)
+  peak = compare.PeakSystem(spec)
+  out = peak.setup()
+  analytic = 2 * 128**3
+  assert out["analytic_flops"] == analytic
+  assert analytic / 2 <= out["flops"] <= 2 * analytic
+  assert len(peak.run("jax", 2)["times"]) == 2
+  assert len(peak.run("torch", 1)["times"]) == 1
+
+
+def test_attention_blocks_follow_the_geometry():
+  spec = compare.tiny_spec()
+  # 128 x 128 image, 4x4 patches -> 32 x 32 tokens; window 4; depths 1-1-2-1; width 16.
+  assert compare.attention_blocks(spec) == [(64, 2, 16, 8), (16, 2, 16, 16), (4, 4, 16, 16),
+                                            (4, 4, 16, 16), (1, 4, 16, 32)]
+  assert compare.attention_flops(spec) > 0
+  # Swin MLP outputs (16 channels x 32 x 32 tokens, ...) and RoBERTa's four dropout sites.
+  swin = 2 * (32 * 32 * 16 + 16 * 16 * 32 + 2 * 8 * 8 * 64 + 4 * 4 * 128)
+  text = 2 * 12 * 32 * (1 + 2 * 3) + 2 * 2 * 12 * 12 * 3
+  assert compare.dropout_elements(spec) == swin + text
+
+
+def fake_results(spec: compare.Spec) -> dict:
+  """A results dict shaped as compare.run returns it (values plausible, not measured)."""
+  plan = compare.Plan()
+
+  def s(m):
+    return {"median": m, "min": 0.9 * m, "max": 1.2 * m, "n": 4}
+
+  parts = {"jax_audio": s(1.0), "torch_audio": s(1.3), "jax_attention": s(0.3),
+           "torch_attention": s(0.2), "jax_text": s(0.5), "torch_text": s(0.6),
+           "jax_optimizer": s(0.2), "torch_optimizer": s(0.1), "jax_dropout": s(0.3),
+           "torch_dropout": s(0.05)}
+  versions = {k: "1.0" for k in ("python", *bench_run.PACKAGES)}
+  return {
+      "spec": compare.dataclasses.asdict(spec), "plan": compare.dataclasses.asdict(plan),
+      "date": "2026-01-01T00:00:00+00:00", "command": "python -m benchmarks.run --quick",
+      "quick": True, "device": "cpu", "wall_s": 300.0, "load_before": [1.0, 1.0, 1.0],
+      "load_after": [1.2, 1.1, 1.0],
+      "machine": {"cpu": "Test CPU", "cores": 2, "memory_gib": 24.0, "platform": "Linux",
+                  "versions": versions},
+      "torch_setup": {"params": 101, "adamw": "fused", "threads": 2, "interop_threads": 2,
+                      "attention": {"audio": "eager", "text": "sdpa"}},
+      "jax_setup": {"params": 100, "flops": 4e11, "xla_temp_mb": 100.0},
+      "jax_full_setup": {"params": 110, "flops": 4.1e11, "xla_temp_mb": 110.0},
+      "torch_warmup": {"counted_flops": 3.9e11},
+      "peak_setup": {"flops": 2.0 * spec.matmul_size**3,
+                     "analytic_flops": 2.0 * spec.matmul_size**3},
+      "check": {"audio_max_abs_diff": 1e-7, "text_max_abs_diff": 2e-7,
+                "log_mel_max_abs_diff_db": 1e-5, "tolerance": spec.tolerance},
+      "embed": {"jax_audio": s(0.5), "torch_audio": s(0.6), "jax_text": s(0.1),
+                "torch_text": s(0.1)},
+      "embed_flops": {"audio": 1e11, "text": 4e10},
+      "train": {"jax": s(2.0), "torch": s(2.5), "jax_full": s(2.1), "matmul_jax": s(0.4),
+                "matmul_torch": s(0.35)},
+      "train_times": {"jax": [2.0, 1.8, 2.4, 2.0], "torch": [2.5, 2.25, 3.0, 2.5],
+                      "jax_full": [2.1, 1.89, 2.52, 2.1], "matmul_jax": [0.4] * 12,
+                      "matmul_torch": [0.35] * 12},
+      "loss": {"jax": 2.0, "torch": 2.0, "jax_full": 5.0},
+      "memory": {k: {"peak_rss_mb": 1000.0} for k in ("jax", "jax_full", "torch", "peak")},
+      "parts": parts, "part_flops": {"audio": 2.8e11, "attention": 1e10, "text": 1.2e11,
+                                     "optimizer": 3e9},
+      "attention_matmul_flops": 1e10, "dropout_elements": 20_000_000,
+      "minor_faults_per_step": {"jax": 7e5, "torch": 1e5, "jax_full": 7e5},
+  }
+
+
+def test_markdown_has_the_ratio_columns():
+  spec = compare.full_spec()
+  md = render.render(bench_run.load_results() | {"compare_cpu": fake_results(spec)})
+  lines = md.splitlines()
+  train_header = next(line for line in lines if line.startswith("| system | step time"))
+  assert "hade_jax / PyTorch" in train_header and "fraction of JAX matmul peak" in train_header
+  embed_header = next(line for line in lines if line.startswith("| tower |"))
+  assert "hade_jax / PyTorch" in embed_header and "max abs diff" in embed_header
+  row = next(line for line in lines if line.startswith("| hade_jax, global"))
+  assert "1.25x" in row  # 2.5 s / 2.0 s
+  assert any(line.startswith("| training clips/s, hade_jax over PyTorch") and "missed" in line
+             for line in lines)
+  assert any(line.startswith("| full HADE step time") and "met" in line for line in lines)
+  assert any(line.startswith("| **median, quiet rounds** |") and "**1.25x**" in line
+             for line in lines)
+  assert "Not measured: no GPU was lent to this task" in md
+  for title in ("## Data pipeline", "## Evaluation and search", "### Profile"):
+    assert title in md
+  assert "nan" not in md.replace("nanodo", "")
