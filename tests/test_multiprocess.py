@@ -8,10 +8,10 @@ import pathlib
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from hade_jax import distributed, trainer
+from tests.fault_harness import read_state  # numpy arrays, whatever mesh wrote them
 from tests.processes import ROOT, run_in_processes
 from tests.tiny_train_config import tiny_config
 
@@ -25,15 +25,6 @@ from tests.tiny_train_config import tiny_config
 OVERRIDES = {"total_steps": 6, "checkpoint_every_steps": 3, "eval_every_steps": 3,
              "log_batch_ids": True, "optim.eps": 1e-3}
 ATOL, RTOL = 2e-5, 1e-5
-
-
-def read_state(workdir: pathlib.Path, step: int) -> dict:
-  """A saved train state as numpy arrays, whatever devices and processes wrote it."""
-  path = workdir / "checkpoints" / str(step) / "state"
-  checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(path).item_metadata.tree
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return checkpointer.restore(path, restore_args=as_numpy)
 
 
 def assert_trees_close(a, b):
