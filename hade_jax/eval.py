@@ -55,7 +55,7 @@ import soundfile
 from jax.sharding import Mesh
 
 from data_pipelines import readers
-from hade_jax import api, data, distributed, hade, metrics, retrieval, tokenizer
+from hade_jax import api, data, distributed, hade, metrics, paths, retrieval, tokenizer
 from hade_jax import heads as hade_heads
 
 log = logging.getLogger("hade_jax.eval")
@@ -72,12 +72,20 @@ class FolderClip:
   captions: list[str]
 
 
-def read_folder_clips(csv_path: str | os.PathLike, audio_dir: str | os.PathLike | None = None
+def read_folder_clips(csv_path: str | os.PathLike, audio_dir: str | os.PathLike | None = None,
+                      *, allow_symlinks_outside: bool = False
                       ) -> tuple[list[FolderClip], list[readers.Issue]]:
   """The clips of a captions CSV whose audio is readable, and the issues of the others.
 
+  Args:
+    csv_path: the captions CSV (Clotho or AudioCaps layout).
+    audio_dir: the audio folder (default: the CSV's folder); every clip must lie inside it.
+    allow_symlinks_outside: accept audio reached through symlinks that leave `audio_dir`.
+
   Raises:
     readers.DataError: the CSV is unreadable or has neither layout, or no clip has audio.
+    paths.PathOutsideError: a CSV entry names an absolute path or one outside `audio_dir`
+      (the message gives the CSV line).
   """
   csv_path = pathlib.Path(csv_path).expanduser().absolute()
   audio_dir = pathlib.Path(audio_dir).expanduser().absolute() if audio_dir else csv_path.parent
@@ -91,9 +99,13 @@ def read_folder_clips(csv_path: str | os.PathLike, audio_dir: str | os.PathLike 
   reader = readers.read_audiocaps_captions if is_audiocaps else readers.read_clotho_captions
   entries = reader(csv_path, report=report)
   direct, rest = [], []
+  def inside(name: str, entry: readers.ClipEntry) -> pathlib.Path:
+    return paths.resolve_inside(audio_dir, name, what=f"{csv_path} line {entry.line}",
+                                allow_symlinks_outside=allow_symlinks_outside)
+
   for entry in entries:
     # Clotho-style names may carry sub-folders (`audio_32k/clotho_eval/x.flac`).
-    path = audio_dir / entry.file_name if entry.file_name else None
+    path = inside(entry.file_name, entry) if entry.file_name else None
     if path is not None and path.is_file():
       entry.audio_path = str(path)
       direct.append(entry)
@@ -105,6 +117,7 @@ def read_folder_clips(csv_path: str | os.PathLike, audio_dir: str | os.PathLike 
   order = {id(e): i for i, e in enumerate(entries)}
   clips = []
   for entry in sorted(direct, key=lambda e: order[id(e)]):
+    inside(os.path.relpath(entry.audio_path, audio_dir), entry)  # a name resolve_audio found
     try:
       info = soundfile.info(entry.audio_path)
       if info.frames == 0:
@@ -190,6 +203,9 @@ def score_split(model: hade.HadeModel, split: data.EvalSplit, *, batch_size: int
   t1 = time.perf_counter()
   text = enc.text(split.input_ids, split.attention_mask, batch_size)
   t2 = time.perf_counter()
+  # NaN embeddings would score NaN, and NaN ranks first: refuse them naming the inputs.
+  metrics.check_finite_embeddings(audio, split.clip_names, "audio")
+  metrics.check_finite_embeddings(text, split.texts, "text")
   scores_AxT = enc.score(audio, text, tile=tile)
   t3 = time.perf_counter()
   log.info("encoded %d clips in %.1f s, %d captions in %.1f s; scored %d pairs in %.1f s "

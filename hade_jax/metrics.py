@@ -19,17 +19,75 @@ Audio-to-text (A2T): each clip queries all captions; its ground truth is its cap
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 TIE_RULE = ("rank = 1 + number of non-ground-truth candidates with a strictly greater score "
             "(ties favour the ground truth)")
 KS = (1, 5, 10)
+_SHOW = 5  # ids named in a non-finite error
+
+
+class NonFiniteScoresError(ValueError):
+  """Scores (or the embeddings they come from) hold NaN or Inf.
+
+  A NaN compares false with everything, so under `TIE_RULE` it would rank first and count as
+  a hit: such scores are refused instead of measured.
+  """
+
+
+def _first(ids, rows: np.ndarray) -> str:
+  shown = [str(ids[i]) if ids is not None else str(int(i)) for i in rows[:_SHOW]]
+  return ", ".join(shown) + (", ..." if len(rows) > _SHOW else "")
+
+
+def check_finite_scores(scores_AxT: np.ndarray, clip_ids=None, caption_ids=None) -> None:
+  """Raises NonFiniteScoresError naming the clips and captions whose scores are not finite.
+
+  Args:
+    scores_AxT: clips x captions.
+    clip_ids, caption_ids: names shown in the message (default: row / column indices).
+  """
+  bad_AxT = ~np.isfinite(np.asarray(scores_AxT, np.float64))
+  if not bad_AxT.any():
+    return
+  rows, cols = np.flatnonzero(bad_AxT.any(1)), np.flatnonzero(bad_AxT.any(0))
+  raise NonFiniteScoresError(
+      f"{int(bad_AxT.sum())} of {bad_AxT.size} scores are NaN or Inf: {len(rows)} clips "
+      f"(first: {_first(clip_ids, rows)}) and {len(cols)} captions (first: "
+      f"{_first(caption_ids, cols)}). Metrics of such scores would count them as hits; check "
+      "the checkpoint (a damaged or diverged model) and the input audio.")
+
+
+def check_finite_embeddings(features, ids, kind: str) -> None:
+  """Raises NonFiniteScoresError naming the items (`ids`, one per row) whose features of any
+  leaf (a dataclass of arrays with rows first, or one array) hold NaN or Inf."""
+  leaves = ([getattr(features, f.name) for f in dataclasses.fields(features)]
+            if dataclasses.is_dataclass(features) else [features])
+  bad = np.zeros(len(ids), bool)
+  for leaf in leaves:
+    for x in (leaf if isinstance(leaf, tuple | list) else [leaf]):
+      if x is not None and np.issubdtype(np.asarray(x).dtype, np.floating):
+        x = np.asarray(x)
+        bad |= ~np.isfinite(x.reshape(len(x), -1)).all(1)
+  if bad.any():
+    rows = np.flatnonzero(bad)
+    raise NonFiniteScoresError(
+        f"the {kind} encoder gave NaN or Inf embeddings for {len(rows)} of {len(ids)} {kind} "
+        f"items (first: {_first(ids, rows)}); the model or its checkpoint is damaged or "
+        "diverged (verify the checkpoint), or the input holds NaN")
 
 
 def t2a_ranks(scores_AxT: np.ndarray, caption_clip_T: np.ndarray) -> np.ndarray:
-  """[T] rank of each caption's clip among all clips."""
+  """[T] rank of each caption's clip among all clips.
+
+  Raises:
+    NonFiniteScoresError: a score is NaN or Inf (it would rank first).
+  """
   scores_AxT = np.asarray(scores_AxT)
   caption_clip_T = np.asarray(caption_clip_T)
+  check_finite_scores(scores_AxT)
   gt_T = scores_AxT[caption_clip_T, np.arange(scores_AxT.shape[1])]
   return 1 + (scores_AxT > gt_T[None, :]).sum(0)
 
@@ -40,9 +98,13 @@ def a2t_gt_ranks(scores_AxT: np.ndarray, caption_clip_T: np.ndarray
 
   Returns (ranks_AxG, valid_AxG): G = the largest number of captions of a clip; entries past a
   clip's own number of captions are invalid (ranks set to a large value).
+
+  Raises:
+    NonFiniteScoresError: a score is NaN or Inf (it would rank first).
   """
   scores_AxT = np.asarray(scores_AxT)
   caption_clip_T = np.asarray(caption_clip_T)
+  check_finite_scores(scores_AxT)
   num_a, num_t = scores_AxT.shape
   is_gt_AxT = caption_clip_T[None, :] == np.arange(num_a)[:, None]
   counts_A = is_gt_AxT.sum(1)
@@ -93,6 +155,9 @@ def retrieval_metrics(scores_AxT: np.ndarray, caption_clip_T: np.ndarray, *,
 
   With `intervals`, each metric also gets '<name>/ci95' = half-width of a jackknife 95%
   interval over the queries.
+
+  Raises:
+    NonFiniteScoresError: a score is NaN or Inf, naming the clips and captions affected.
   """
   per = per_query_metrics(scores_AxT, caption_clip_T, true_recall=true_recall)
   out: dict[str, float] = {}
@@ -162,6 +227,8 @@ def two_stage_t2a_ranks(scores_AxT: np.ndarray, global_AxT: np.ndarray,
   """
   scores_AxT = np.asarray(scores_AxT)
   global_AxT = np.asarray(global_AxT)
+  check_finite_scores(scores_AxT)
+  check_finite_scores(global_AxT)
   caption_clip_T = np.asarray(caption_clip_T)
   num_a, num_t = scores_AxT.shape
   order_TxA = np.argsort(-global_AxT.T, axis=1, kind="stable")

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hade_jax import paths
+
 Path = tuple[str | int, ...]
 
 # Flax leaf name -> PyTorch leaf name.
@@ -81,7 +83,11 @@ def load_state_dict(folder: str | pathlib.Path) -> dict[str, np.ndarray]:
     files = [folder / "model.safetensors"]
   elif (folder / "model.safetensors.index.json").is_file():
     index = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))
-    files = [folder / name for name in sorted(set(index["weight_map"].values()))]
+    # Names stay inside the folder; symlinks may leave it, as the Hugging Face cache links
+    # snapshots/<rev>/*.safetensors to ../../blobs/.
+    files = [paths.resolve_inside(folder, name, allow_symlinks_outside=True,
+                                  what=f"{folder / 'model.safetensors.index.json'} weight_map")
+             for name in sorted(set(index["weight_map"].values()))]
   elif (folder / "pytorch_model.bin").is_file():
     files = [folder / "pytorch_model.bin"]
   else:
