@@ -18,6 +18,7 @@ What happens to each kind of input (the bad-input policy of the prepare step):
 | resampling to the target rate          |                                                      |
 | NaN or Inf samples                     | `AudioError('non_finite')`: clip skipped and reported|
 | not an audio file / corrupt header     | `AudioError('unreadable')`: clip skipped and reported|
+| no such file                           | `AudioError('missing')`: names the file              |
 
 In strict mode the prepare step turns every `AudioError` into a failure naming the file.
 Whatever the bytes of the file, `decode` returns a `DecodedAudio` (int16, 1-D, at the target
@@ -27,6 +28,7 @@ rate) or raises `AudioError` naming the file; no decoder or resampler error esca
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 import struct
@@ -49,7 +51,8 @@ class AudioError(ValueError):
 
   Attributes:
     path: the file.
-    reason: a short tag: 'unreadable', 'empty', 'non_finite' or 'unsupported_rate'.
+    reason: a short tag: 'missing', 'unreadable', 'empty', 'non_finite' or
+      'unsupported_rate'.
     detail: what exactly was wrong.
   """
 
@@ -118,57 +121,46 @@ def to_int16(x: np.ndarray) -> np.ndarray:
   return np.clip(np.round(x * _INT16_SCALE), -32768, 32767).astype(np.int16)
 
 
-def decode(path: os.PathLike | str, sample_rate: int, *, quality: str = "HQ") -> DecodedAudio:
-  """Reads one audio file as mono int16 at `sample_rate` (see the module policy table).
-
-  Args:
-    path: any format libsndfile reads (WAV, FLAC, OGG, MP3, AIFF, ...).
-    sample_rate: the target rate in Hz.
-    quality: soxr resampling quality ('QQ', 'LQ', 'MQ', 'HQ', 'VHQ').
-
-  Returns:
-    The decoded clip: `samples` int16 [S] with S = frames * sample_rate / source_rate (+-1;
-    S = frames, bit-exact samples, for mono PCM16 at `sample_rate`), `sample_rate` the target,
-    `source_rate` / `source_channels` the file's.
-
-  Raises:
-    AudioError: the file is unreadable (not audio, a corrupt header, a truncated compressed
-      stream), empty (zero frames, or none left after resampling), holds NaN/Inf samples or
-      has a source rate below `MIN_SOURCE_RATE`; the message names the file.
-    ValueError: `sample_rate` is not a positive integer (a caller error, not a file problem).
-  """
-  path = pathlib.Path(path)
+def _check_target_rate(path: pathlib.Path, sample_rate) -> int:
   if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | np.integer) or (
       sample_rate <= 0):
     raise ValueError(f"decode({path}): the target sample_rate must be a positive integer, got "
                      f"{sample_rate!r}")
-  sample_rate = int(sample_rate)
-  notes = []
+  return int(sample_rate)
+
+
+def _info(path: pathlib.Path):
+  """soundfile's header of `path`; AudioError('missing' / 'unreadable' / 'unsupported_rate')."""
+  if not path.exists():  # libsndfile would only say "System error"
+    raise AudioError(path, "missing", "no such file (it does not exist)")
   try:
     info = soundfile.info(str(path))
-    # Fast path: nothing to convert, so keep the stored samples bit-exact.
-    exact = info.channels == 1 and info.samplerate == sample_rate and info.subtype == "PCM_16"
-    data, source_rate = soundfile.read(
-        str(path), dtype="int16" if exact else "float32", always_2d=True
-    )
+  except (soundfile.LibsndfileError, RuntimeError, OSError, ValueError, EOFError) as e:
+    raise AudioError(path, "unreadable", f"{type(e).__name__}: {e}") from e
+  if info.samplerate < MIN_SOURCE_RATE:
+    raise AudioError(path, "unsupported_rate", f"the header says {info.samplerate} Hz; rates "
+                     f"below {MIN_SOURCE_RATE} Hz are not audio recordings (damaged header?)")
+  return info
+
+
+def _read(path: pathlib.Path, dtype: str, start: int = 0, frames: int = -1) -> np.ndarray:
+  """[frames, channels] samples of `path` from frame `start` (only those are held)."""
+  try:
+    data, _ = soundfile.read(str(path), dtype=dtype, always_2d=True, start=start, frames=frames)
   except (soundfile.LibsndfileError, RuntimeError, OSError, ValueError, EOFError) as e:
     raise AudioError(path, "unreadable", f"{type(e).__name__}: {e}") from e
   if data.shape[0] == 0:
     raise AudioError(path, "empty", "the file holds zero audio frames")
-  if source_rate < MIN_SOURCE_RATE:
-    raise AudioError(path, "unsupported_rate", f"the header says {source_rate} Hz; rates below "
-                     f"{MIN_SOURCE_RATE} Hz are not audio recordings (damaged header?)")
-  truncation = wav_truncation(path)
-  if truncation:
-    notes.append("truncated")
-  channels = data.shape[1]
-  if exact:
-    return DecodedAudio(data[:, 0].copy(), sample_rate, source_rate, channels, tuple(notes))
+  return data
 
+
+def _float_mono(path: pathlib.Path, data: np.ndarray, source_rate: int, sample_rate: int,
+                quality: str, notes: list[str]) -> np.ndarray:
+  """Float [frames, channels] -> float mono at `sample_rate` (downmix, attenuation, soxr)."""
   if not np.isfinite(data).all():
     bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
     raise AudioError(path, "non_finite", f"{bad} NaN/Inf samples")
-  if channels > 1:
+  if data.shape[1] > 1:
     # Mean, not sum: keeps the level of a correlated stereo pair and cannot overflow.
     x = data.mean(axis=1, dtype=np.float64).astype(np.float32)
     notes.append("downmixed")
@@ -190,4 +182,94 @@ def decode(path: os.PathLike | str, sample_rate: int, *, quality: str = "HQ") ->
     if len(x) == 0:
       raise AudioError(path, "empty", f"{data.shape[0]} frames at {source_rate} Hz resample "
                        f"to zero frames at {sample_rate} Hz")
-  return DecodedAudio(to_int16(x), sample_rate, source_rate, channels, tuple(notes))
+  return x
+
+
+def decode(path: os.PathLike | str, sample_rate: int, *, quality: str = "HQ") -> DecodedAudio:
+  """Reads one audio file as mono int16 at `sample_rate` (see the module policy table).
+
+  Args:
+    path: any format libsndfile reads (WAV, FLAC, OGG, MP3, AIFF, ...).
+    sample_rate: the target rate in Hz.
+    quality: soxr resampling quality ('QQ', 'LQ', 'MQ', 'HQ', 'VHQ').
+
+  Returns:
+    The decoded clip: `samples` int16 [S] with S = frames * sample_rate / source_rate (+-1;
+    S = frames, bit-exact samples, for mono PCM16 at `sample_rate`), `sample_rate` the target,
+    `source_rate` / `source_channels` the file's.
+
+  Raises:
+    AudioError: the file is missing, unreadable (not audio, a corrupt header, a truncated
+      compressed stream), empty (zero frames, or none left after resampling), holds NaN/Inf
+      samples or has a source rate below `MIN_SOURCE_RATE`; the message names the file.
+    ValueError: `sample_rate` is not a positive integer (a caller error, not a file problem).
+  """
+  path = pathlib.Path(path)
+  sample_rate = _check_target_rate(path, sample_rate)
+  info = _info(path)
+  # Fast path: nothing to convert, so keep the stored samples bit-exact.
+  exact = info.channels == 1 and info.samplerate == sample_rate and info.subtype == "PCM_16"
+  data = _read(path, "int16" if exact else "float32")
+  notes = ["truncated"] if wav_truncation(path) else []
+  if exact:
+    return DecodedAudio(data[:, 0].copy(), sample_rate, info.samplerate, data.shape[1],
+                        tuple(notes))
+  x = _float_mono(path, data, info.samplerate, sample_rate, quality, notes)
+  return DecodedAudio(to_int16(x), sample_rate, info.samplerate, data.shape[1], tuple(notes))
+
+
+# Source seconds read on each side of a crop that is resampled: the soxr filter's support is
+# milliseconds, so the crop's samples equal those of the whole file resampled.
+_CROP_MARGIN_SECONDS = 0.05
+
+
+def decode_crop(path: os.PathLike | str, sample_rate: int, num_samples: int,
+                crop: str = "head", *, quality: str = "HQ") -> DecodedAudio:
+  """`num_samples` of `decode(path, sample_rate)` taken at `crop`, reading only those frames.
+
+  'head' takes the first samples, 'center' those starting at (L - num_samples) // 2 of the
+  decoded length L. A file no longer than the crop is decoded whole (its samples are all the
+  crop). Only the frames of the crop (plus a resampling margin) are held in memory, so an hour
+  of multi-channel audio costs what its crop costs. Float files above full scale are
+  attenuated by the peak of the frames read (the whole file's peak is not known).
+
+  Raises:
+    AudioError: as `decode`.
+  """
+  path = pathlib.Path(path)
+  sample_rate = _check_target_rate(path, sample_rate)
+  if crop not in ("head", "center"):
+    raise ValueError(f"decode_crop({path}): crop must be 'head' or 'center', got {crop!r}")
+  info = _info(path)
+  src = info.samplerate
+  total = int(round(info.frames * sample_rate / src))  # soxr's output length
+  margin = 0 if src == sample_rate else int(np.ceil(_CROP_MARGIN_SECONDS * src))
+  if info.frames <= 0 or total <= num_samples or info.format == "MPEG":
+    # Short files (and MP3, whose frame count is an estimate): nothing to save.
+    return _crop_of_whole(path, sample_rate, num_samples, crop, quality)
+  t0 = 0 if crop == "head" else (total - num_samples) // 2
+  # Start the read on a frame whose time is a whole number of target samples, so the
+  # resampled window is the whole file's output shifted by a whole number of samples.
+  step = src // math.gcd(src, sample_rate)
+  first = max(0, (t0 * src // sample_rate - margin) // step * step)
+  offset = first * sample_rate // src
+  stop = min(info.frames, -(-(t0 + num_samples) * src // sample_rate) + margin)
+  exact = info.channels == 1 and src == sample_rate and info.subtype == "PCM_16"
+  data = _read(path, "int16" if exact else "float32", start=first, frames=stop - first)
+  notes = ["cropped"] + (["truncated"] if wav_truncation(path) else [])
+  if exact:
+    samples = data[t0 - first:t0 - first + num_samples, 0].copy()
+  else:
+    x = _float_mono(path, data, src, sample_rate, quality, notes)
+    samples = to_int16(x[t0 - offset:t0 - offset + num_samples])
+  if len(samples) < num_samples:  # the header over-states the frames: decode it all
+    return _crop_of_whole(path, sample_rate, num_samples, crop, quality)
+  return DecodedAudio(samples, sample_rate, src, info.channels, tuple(notes))
+
+
+def _crop_of_whole(path: pathlib.Path, sample_rate: int, num_samples: int, crop: str,
+                   quality: str) -> DecodedAudio:
+  """The crop taken from the whole decoded file."""
+  wave = decode(path, sample_rate, quality=quality)
+  start = 0 if crop == "head" else max(len(wave.samples) - num_samples, 0) // 2
+  return dataclasses.replace(wave, samples=wave.samples[start:start + num_samples])

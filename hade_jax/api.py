@@ -3,7 +3,7 @@
   from hade_jax import api
   hade = api.Hade.load("/tmp/hade_demo")                # a workdir (its best step) or a step dir
   clips = hade.embed_audio(["a.wav", "b.flac"])         # any format soundfile reads
-  clips = hade.embed_audio([wave], sample_rate=44_100)  # or arrays ([samples] or [samples, ch])
+  clips = hade.embed_audio([wave], sample_rate=44_100)  # or arrays (rate required)
   texts = hade.embed_text(["a dog barks", "rain on a roof"])
   scores_AxT = hade.score(clips, texts)                 # the full HADE score of every pair
   hits = hade.search(["a dog barks"], api.MemoryIndex(clips, ["a.wav", "b.flac"]), k=5)
@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from data_pipelines import audio_io
-from hade_jax import hade, retrieval, tokenizer, trainer, validation
+from hade_jax import hade, metrics, retrieval, tokenizer, trainer, validation
 from hade_jax import heads as hade_heads
 
 MemoryIndex = retrieval.MemoryIndex
@@ -168,21 +168,63 @@ def fit_clip(wave_L: np.ndarray, num_samples: int, crop: str = "head",
   return out
 
 
+# Channel counts accepted in an array, and how much longer than the channel axis the sample
+# axis must be for the layout ([samples, channels] or [channels, samples]) to be unambiguous.
+MAX_ARRAY_CHANNELS = 8
+_MIN_SAMPLES_PER_CHANNEL_AXIS = 16
+# Integer sample formats: (offset, scale) mapping their full range to [-1, 1).
+_INT_SCALES = {np.dtype(np.int16): (0.0, 32768.0), np.dtype(np.int32): (0.0, 2.0 ** 31),
+               np.dtype(np.int8): (0.0, 128.0), np.dtype(np.uint8): (128.0, 128.0)}
+
+
+def _channels_last(x: np.ndarray) -> np.ndarray:
+  """[samples, channels] from a 2-D array in either layout, or ValueError when ambiguous."""
+  rows, cols = x.shape
+  if cols <= MAX_ARRAY_CHANNELS and rows >= _MIN_SAMPLES_PER_CHANNEL_AXIS * cols:
+    return x
+  if rows <= MAX_ARRAY_CHANNELS and cols >= _MIN_SAMPLES_PER_CHANNEL_AXIS * rows:
+    return x.T  # [channels, samples], the layout of librosa and torchaudio
+  raise ValueError(
+      f"a 2-D waveform of shape {x.shape} is ambiguous: expected [samples, channels] or "
+      f"[channels, samples] with at most {MAX_ARRAY_CHANNELS} channels and at least "
+      f"{_MIN_SAMPLES_PER_CHANNEL_AXIS} times more samples than channels; pass one clip as "
+      "[samples] (mono) or in one of those layouts")
+
+
 def array_to_mono(wave: np.ndarray, sample_rate: int, target_rate: int) -> np.ndarray:
-  """An array ([samples] or [samples, channels], float or int16) -> float32 mono at the rate."""
+  """An array -> float32 mono at `target_rate`.
+
+  Args:
+    wave: [samples], [samples, channels] or [channels, samples] (at most
+      `MAX_ARRAY_CHANNELS` channels; the longer axis is time); float in [-1, 1], or int16 /
+      int32 / int8 scaled by their range, or uint8 centred at 128 (8-bit WAV).
+    sample_rate: the array's rate in Hz (at least `audio_io.MIN_SOURCE_RATE`).
+    target_rate: the model's rate.
+
+  Raises:
+    ValueError: the shape, dtype, rate or samples (NaN/Inf) cannot be used.
+  """
+  if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | np.integer) or (
+      sample_rate < audio_io.MIN_SOURCE_RATE):
+    raise ValueError(f"sample_rate={sample_rate!r}: an array's rate must be an integer of at "
+                     f"least {audio_io.MIN_SOURCE_RATE} Hz, as for files")
   x = np.asarray(wave)
-  if x.dtype == np.int16:
-    x = x.astype(np.float32) / 32768.0
+  if x.dtype in _INT_SCALES:
+    offset, scale = _INT_SCALES[x.dtype]
+    x = (x.astype(np.float64) - offset) / scale
+  elif not np.issubdtype(x.dtype, np.floating):
+    raise ValueError(f"a waveform of dtype {x.dtype}: expected float in [-1, 1] or int16, "
+                     "int32, int8, uint8 PCM")
   x = x.astype(np.float32)
   if x.ndim == 2:
-    x = x.mean(axis=1)  # soundfile's layout; the mean keeps a correlated pair's level
+    x = _channels_last(x).mean(axis=1)  # the mean keeps a correlated pair's level
   if x.ndim != 1 or x.size == 0:
-    raise ValueError(f"expected a non-empty [samples] or [samples, channels] array, got shape "
-                     f"{np.shape(wave)}")
+    raise ValueError(f"expected a non-empty [samples], [samples, channels] or [channels, "
+                     f"samples] array, got shape {np.shape(wave)}")
   if not np.isfinite(x).all():
     raise ValueError("the waveform holds NaN or Inf samples")
   if sample_rate != target_rate:
-    x = soxr.resample(x, sample_rate, target_rate, quality="HQ").astype(np.float32)
+    x = soxr.resample(x, int(sample_rate), target_rate, quality="HQ").astype(np.float32)
   return x
 
 
@@ -191,24 +233,50 @@ def load_audio(item: AudioItem, *, sample_rate: int, num_samples: int, crop: str
   """One file or array -> the [num_samples] float32 waveform a model at `sample_rate` sees.
 
   Args:
-    item: a path (any format soundfile reads) or an array ([samples] or [samples, channels]).
+    item: a path (str or os.PathLike; any format soundfile reads) or an array (see
+      `array_to_mono`).
     sample_rate: the model's rate.
     num_samples: the crop length.
     crop: 'head' or 'center' (`fit_clip`).
     pad_mode: 'zeros' or 'repeat' (`fit_clip`).
-    item_rate: an array's rate (default `sample_rate`); files carry their own.
+    item_rate: an array's rate (required for arrays: a wrong guess gives wrong features
+      without a word); files carry their own.
 
   Raises:
-    audio_io.AudioError: a file that is unreadable, empty, holds NaN/Inf or has a source rate
-        below 1 kHz (names the file).
+    audio_io.AudioError: a file that is missing, unreadable, empty, holds NaN/Inf or has a
+      source rate below 1 kHz (names the file).
+    ValueError: an array without `item_rate`, or one `array_to_mono` refuses.
   """
   if isinstance(item, np.ndarray):
-    wave = array_to_mono(item, item_rate or sample_rate, sample_rate)
-  else:
+    if item_rate is None:
+      raise ValueError(f"an audio array of shape {item.shape} needs its rate: pass "
+                       f"sample_rate=... (the model's rate is {sample_rate} Hz)")
+    wave = array_to_mono(item, item_rate, sample_rate)
+  elif isinstance(item, str | os.PathLike):
+    check_crop_policy(crop, pad_mode)
     # Decoded as the prepare step stores clips (int16 at the model's rate), so a file gives
-    # the features its prepared record gives in evaluation.
-    wave = audio_io.decode(item, sample_rate).samples.astype(np.float32) / 32768.0
+    # the features its prepared record gives in evaluation; only the crop's frames are read.
+    wave = audio_io.decode_crop(pathlib.Path(item), sample_rate, num_samples,
+                                crop).samples.astype(np.float32) / 32768.0
+  else:
+    raise TypeError(f"an audio item must be a path (str or os.PathLike) or a numpy array, got "
+                    f"{type(item).__name__}")
   return fit_clip(wave, num_samples, crop, pad_mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+  """An item `Hade.embed_audio(..., on_error='skip')` left out."""
+
+  position: int  # in the items given
+  item: str  # the path, or a description of the array
+  reason: str
+
+
+def _describe(item: AudioItem) -> str:
+  if isinstance(item, np.ndarray):
+    return f"array{list(item.shape)} {item.dtype}"
+  return str(item)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,37 +350,82 @@ class Hade:
     return load_audio(item, item_rate=sample_rate, **self.settings())
 
   def load_audios(self, items: Sequence[AudioItem], sample_rate: int | None = None, *,
-                  num_threads: int = 4) -> list[np.ndarray]:
-    """`load_audio` over many items, decoded in threads (soundfile and soxr release the GIL)."""
+                  num_threads: int = 4, on_error: str = "raise"
+                  ) -> list[np.ndarray | ValueError]:
+    """`load_audio` over many items, decoded in threads (soundfile and soxr release the GIL).
+
+    With on_error='skip', an item that cannot be used gives its error (an `AudioError` or
+    ValueError naming the problem) in its place instead of raising.
+    """
+    if on_error not in ("raise", "skip"):
+      raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+
+    def one(x):
+      try:
+        return self.load_audio(x, sample_rate)
+      except ValueError as e:
+        if on_error == "raise":
+          raise
+        return e
+
     if num_threads <= 1 or len(items) <= 1:
-      return [self.load_audio(x, sample_rate) for x in items]
+      return [one(x) for x in items]
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-      return list(pool.map(lambda x: self.load_audio(x, sample_rate), items))
+      return list(pool.map(one, items))
 
   def embed_waves(self, waves: Sequence[np.ndarray], batch_size: int | None = None
                   ) -> hade_heads.AudioFeatures:
     """[S] waveforms (already `load_audio`ed) -> cached audio features (numpy)."""
     return self.encoder.audio(waves, batch_size or self.batch_size)
 
-  def embed_audio(self, items: Sequence[AudioItem], *, sample_rate: int | None = None,
-                  batch_size: int | None = None) -> hade_heads.AudioFeatures:
+  def embed_audio(self, items: AudioItem | Sequence[AudioItem], *,
+                  sample_rate: int | None = None, batch_size: int | None = None,
+                  on_error: str = "raise"
+                  ) -> hade_heads.AudioFeatures | tuple[hade_heads.AudioFeatures | None,
+                                                        list[Skipped]]:
     """Files (any format soundfile reads) or arrays -> cached audio features, in order.
 
     Args:
-      items: paths, or arrays [samples] / [samples, channels] (float in [-1, 1] or int16).
-      sample_rate: the arrays' rate (default: the model's); files carry their own.
+      items: one path (str or os.PathLike) or 1-D array, or a sequence of paths and arrays
+        (see `array_to_mono` for the array layouts and dtypes).
+      sample_rate: the arrays' rate (required when there are arrays); files carry their own.
       batch_size: clips per encoder call (default config.eval_batch_size); results do not
         depend on it.
+      on_error: 'raise' (the first unusable item raises, naming it) or 'skip'.
+
+    Returns:
+      The features; with on_error='skip', (features of the usable items in order, or None
+      when there is none; the `Skipped` items with their reasons).
     """
+    if isinstance(items, str | os.PathLike):
+      items = [items]
+    elif isinstance(items, np.ndarray):
+      if items.ndim != 1:
+        raise ValueError(f"embed_audio got one array of shape {items.shape}: pass a list of "
+                         "clips ([array]) so its axes are not taken for separate clips")
+      items = [items]
     items = list(items)
     if not items:
       raise ValueError("embed_audio got no audio")
     batch_size = batch_size or self.batch_size
-    out = []
+    out, skipped = [], []
     for start in range(0, len(items), batch_size):
-      waves = self.load_audios(items[start:start + batch_size], sample_rate)
-      out.append(self.embed_waves(waves, batch_size))
-    return retrieval.concat_features(out)
+      waves = []
+      loaded = self.load_audios(items[start:start + batch_size], sample_rate, on_error=on_error)
+      for i, wave in enumerate(loaded, start):
+        if isinstance(wave, ValueError):
+          skipped.append(Skipped(i, _describe(items[i]), str(wave)))
+        else:
+          waves.append(wave)
+      if waves:
+        out.append(self.embed_waves(waves, batch_size))
+    features = retrieval.concat_features(out) if out else None
+    # NaN embeddings would rank first in every search: refuse them naming the items.
+    if features is not None:
+      left_out = {s.position for s in skipped}
+      kept = [_describe(x) for i, x in enumerate(items) if i not in left_out]
+      metrics.check_finite_embeddings(features, kept, "audio")
+    return (features, skipped) if on_error == "skip" else features
 
   def embed_text(self, texts: Sequence[str], *, batch_size: int | None = None
                  ) -> hade_heads.TextFeatures:
