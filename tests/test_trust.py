@@ -1,0 +1,241 @@
+"""Results that can be trusted (issue 13): non-finite scores are refused, never counted as
+hits; names read from files stay inside their folder; the user API takes one path, both array
+layouts, integer PCM and missing files as a user would give them, and reads only a crop.
+"""
+
+import json
+import pathlib
+import tracemalloc
+
+import numpy as np
+import pytest
+import soundfile
+
+from data_pipelines import audio_io
+from hade_jax import api, data, metrics, paths
+from hade_jax import eval as hade_eval
+from hade_jax.convert import common as convert_common
+from tests.tiny_train_config import save_random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, minilm_dir) -> api.Hade:
+  return api.Hade.load(save_random_checkpoint(tmp_path_factory.mktemp("wd"), minilm_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 1: non-finite scores.
+
+CLIP_OF = np.array([0, 0, 1, 1, 2, 2])
+
+
+def good_scores() -> np.ndarray:
+  rng = np.random.default_rng(0)
+  return rng.standard_normal((3, 6))
+
+
+def test_metrics_nonfinite_all_nan_is_refused_not_perfect():
+  scores = np.full((3, 6), np.nan)
+  with pytest.raises(metrics.NonFiniteScoresError, match="18 of 18 scores .* 3 clips .* 6 "):
+    metrics.retrieval_metrics(scores, CLIP_OF)
+  for fn in (metrics.t2a_ranks, metrics.a2t_gt_ranks):
+    with pytest.raises(metrics.NonFiniteScoresError):
+      fn(scores, CLIP_OF)
+
+
+def test_metrics_nonfinite_one_nan_row_names_the_clip():
+  scores = good_scores()
+  scores[1] = np.nan
+  with pytest.raises(metrics.NonFiniteScoresError, match=r"1 clips \(first: 1\)"):
+    metrics.retrieval_metrics(scores, CLIP_OF)
+  with pytest.raises(metrics.NonFiniteScoresError, match=r"1 clips \(first: b.wav\)"):
+    metrics.check_finite_scores(scores, ["a.wav", "b.wav", "c.wav"])
+  with pytest.raises(metrics.NonFiniteScoresError):
+    metrics.two_stage_t2a_ranks(scores, good_scores(), CLIP_OF, 2)
+  # The finite scores are measured as before.
+  assert metrics.retrieval_metrics(good_scores(), CLIP_OF)["t2a/R@10"] == 100.0
+
+
+def test_metrics_nonfinite_inf_is_refused_with_the_captions():
+  scores = good_scores()
+  scores[0, 4] = np.inf
+  scores[2, 5] = -np.inf
+  with pytest.raises(metrics.NonFiniteScoresError, match=r"2 captions \(first: 4, 5\)"):
+    metrics.retrieval_metrics(scores, CLIP_OF)
+
+
+def test_eval_nonfinite_embeddings_name_the_clips(model):
+  rng = np.random.default_rng(1)
+  waves = 0.1 * rng.standard_normal((3, model.num_samples)).astype(np.float32)
+  waves[1, 100:200] = np.nan  # what a damaged model or a NaN input gives the encoder
+  ids, mask = model.tokenizer(["a dog", "rain", "a car"])
+  split = data.EvalSplit(
+      lambda: iter([{"audio": waves, "clip_id": np.arange(3), "valid": np.ones(3, bool)}]),
+      ids, mask, np.arange(3), np.arange(3), ["dog.wav", "rain.wav", "car.wav"],
+      ["a dog", "rain", "a car"])
+  with pytest.raises(metrics.NonFiniteScoresError, match=r"audio encoder .* 1 of 3 .*rain.wav"):
+    hade_eval.score_split(model.model, split, batch_size=4, tile=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 8: paths stay inside their folder.
+
+
+def write_clotho_csv(path: pathlib.Path, names: list[str]) -> None:
+  rows = ["file_name," + ",".join(f"caption_{j}" for j in range(1, 6))]
+  rows += [f"{n}," + ",".join(f"sound number {j}" for j in range(1, 6)) for n in names]
+  path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+@pytest.fixture()
+def audio_folder(tmp_path) -> pathlib.Path:
+  folder = tmp_path / "audio"
+  folder.mkdir()
+  soundfile.write(folder / "ok.wav", np.zeros(1600, np.float32), 16_000)
+  soundfile.write(tmp_path / "secret.wav", np.zeros(1600, np.float32), 16_000)
+  return folder
+
+
+@pytest.mark.parametrize("name", ["../secret.wav", "sub/../../secret.wav", "/etc/passwd"])
+def test_eval_csv_traversal_outside_the_audio_folder_is_refused(audio_folder, name):
+  csv_path = audio_folder / "captions.csv"
+  write_clotho_csv(csv_path, ["ok.wav", name])
+  with pytest.raises(paths.PathOutsideError, match=rf"captions.csv line 3: '{name}'"):
+    hade_eval.read_folder_clips(csv_path)
+
+
+def test_eval_csv_symlink_outside_is_refused_unless_allowed(audio_folder):
+  (audio_folder / "link.wav").symlink_to(audio_folder.parent / "secret.wav")
+  csv_path = audio_folder / "captions.csv"
+  write_clotho_csv(csv_path, ["ok.wav", "link.wav"])
+  with pytest.raises(paths.PathOutsideError, match="line 3: 'link.wav' is a symlink"):
+    hade_eval.read_folder_clips(csv_path)
+  clips, _ = hade_eval.read_folder_clips(csv_path, allow_symlinks_outside=True)
+  assert [c.name for c in clips] == ["ok.wav", "link.wav"]
+  # A symlink that stays inside the folder is fine either way.
+  (audio_folder / "inner.wav").symlink_to(audio_folder / "ok.wav")
+  write_clotho_csv(csv_path, ["inner.wav"])
+  assert [c.name for c in hade_eval.read_folder_clips(csv_path)[0]] == ["inner.wav"]
+
+
+def test_safetensors_index_outside_the_folder_is_refused(tmp_path):
+  folder = tmp_path / "model"
+  folder.mkdir()
+  (folder / "model.safetensors.index.json").write_text(json.dumps(
+      {"weight_map": {"a.weight": "../elsewhere.safetensors"}}))
+  with pytest.raises(paths.PathOutsideError, match="weight_map: '../elsewhere.safetensors'"):
+    convert_common.load_state_dict(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 10: API inputs.
+
+
+@pytest.fixture(scope="module")
+def tone(tmp_path_factory) -> pathlib.Path:
+  path = tmp_path_factory.mktemp("audio") / "tone.flac"
+  t = np.arange(int(44_100 * 2.5)) / 44_100
+  x = 0.5 * np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 660 * t ** 1.2)], 1)
+  soundfile.write(path, x.astype(np.float32), 44_100, subtype="PCM_16")
+  return path
+
+
+def test_api_one_path_as_str_or_path_is_one_item(model, tone):
+  a = model.embed_audio(str(tone))
+  b = model.embed_audio(tone)
+  c = model.embed_audio([tone, str(tone)])
+  assert a.global_AxD.shape[0] == 1 and c.global_AxD.shape[0] == 2
+  np.testing.assert_allclose(a.global_AxD, b.global_AxD)
+  np.testing.assert_allclose(c.global_AxD, np.concatenate([a.global_AxD] * 2), atol=1e-6)
+
+
+def test_api_channels_first_arrays_equal_channels_last():
+  rng = np.random.default_rng(0)
+  x_Sx2 = 0.3 * rng.standard_normal((8000, 2)).astype(np.float32)
+  last = api.array_to_mono(x_Sx2, 16_000, 16_000)
+  np.testing.assert_array_equal(api.array_to_mono(x_Sx2.T, 16_000, 16_000), last)
+  np.testing.assert_allclose(last, x_Sx2.mean(1))
+  with pytest.raises(ValueError, match=r"shape \(20, 30\) is ambiguous"):
+    api.array_to_mono(np.zeros((20, 30), np.float32), 16_000, 16_000)
+
+
+def test_api_integer_arrays_are_scaled_by_their_range():
+  x = np.array([0.0, 0.5, -0.5, -1.0])
+  for dtype, values in [(np.int16, x * 32768), (np.int32, x * 2 ** 31),
+                        (np.uint8, 128 + x * 128), (np.int8, x * 128)]:
+    np.testing.assert_allclose(api.array_to_mono(values.astype(dtype), 16_000, 16_000), x)
+  with pytest.raises(ValueError, match="dtype int64"):
+    api.array_to_mono(np.zeros(4, np.int64), 16_000, 16_000)
+
+
+def test_api_array_without_rate_or_with_rate_1_is_refused(model):
+  wave = np.zeros(16_000, np.float32)
+  with pytest.raises(ValueError, match="needs its rate: pass sample_rate"):
+    model.embed_audio([wave])
+  with pytest.raises(ValueError, match="sample_rate=1: .* at least 1000 Hz"):
+    model.embed_audio([wave], sample_rate=1)
+  with pytest.raises(ValueError, match="pass a list of clips"):
+    model.embed_audio(np.zeros((2, 16_000), np.float32), sample_rate=16_000)
+
+
+def test_api_missing_file_says_no_such_file(model, tmp_path):
+  with pytest.raises(audio_io.AudioError, match=r"nope.wav: missing: no such file"):
+    model.embed_audio(tmp_path / "nope.wav")
+
+
+def test_api_on_error_skip_keeps_the_good_items(model, tone, tmp_path):
+  (tmp_path / "bad.wav").write_bytes(b"RIFF not audio")
+  items = [tone, tmp_path / "nope.wav", tmp_path / "bad.wav", str(tone)]
+  with pytest.raises(audio_io.AudioError, match="nope.wav"):
+    model.embed_audio(items)
+  features, skipped = model.embed_audio(items, on_error="skip")
+  assert [(s.position, s.item) for s in skipped] == [(1, str(tmp_path / "nope.wav")),
+                                                    (2, str(tmp_path / "bad.wav"))]
+  assert "missing" in skipped[0].reason and "unreadable" in skipped[1].reason
+  np.testing.assert_allclose(features.global_AxD, model.embed_audio([tone, tone]).global_AxD,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("crop", ["head", "center"])
+@pytest.mark.parametrize("rate", [16_000, 32_000])
+def test_api_crop_of_a_long_file_reads_only_its_frames(tone, crop, rate, monkeypatch):
+  num_samples = rate // 2
+  whole = audio_io.decode(tone, rate).samples
+  start = 0 if crop == "head" else (len(whole) - num_samples) // 2
+  read = []
+  real_read = soundfile.read
+  monkeypatch.setattr(soundfile, "read",
+                      lambda *a, **k: read.append(k.get("frames")) or real_read(*a, **k))
+  part = audio_io.decode_crop(tone, rate, num_samples, crop)
+  # Equal to the whole file decoded then cropped (to one int16 step: rounding after soxr).
+  np.testing.assert_allclose(part.samples, whole[start:start + num_samples], atol=1)
+  assert part.source_channels == 2 and "cropped" in part.notes
+  # 0.5 s of the 2.5 s file, plus 50 ms of resampling margin on each side.
+  assert read and 0 < read[-1] <= 0.61 * 44_100
+
+
+def test_api_decoding_a_crop_of_a_long_file_holds_only_the_crop(tmp_path):
+  # 60 s of 48 kHz 8-channel audio: 92 MB as float32 when decoded whole.
+  path = tmp_path / "long.wav"
+  with soundfile.SoundFile(path, "w", 48_000, 8, "PCM_16") as f:
+    block = (0.1 * np.random.default_rng(0).standard_normal((48_000, 8))).astype(np.float32)
+    for _ in range(60):
+      f.write(block)
+
+  def peak_bytes(fn, *args) -> int:
+    tracemalloc.start()  # numpy reports its buffers to tracemalloc
+    try:
+      fn(path, *args)
+      return tracemalloc.get_traced_memory()[1]
+    finally:
+      tracemalloc.stop()
+
+  crop_kb = peak_bytes(audio_io.decode_crop, 16_000, 32_000, "center") // 1024
+  whole_kb = peak_bytes(audio_io.decode, 16_000) // 1024
+  assert whole_kb > 90_000 and crop_kb < 6_000, (whole_kb, crop_kb)  # 2 s of 60 s
+
+
+def test_outside_path_helper_refuses_absolute_and_parent_names(tmp_path):
+  with pytest.raises(paths.PathOutsideError, match="absolute"):
+    paths.resolve_inside(tmp_path, "/etc/passwd", what="x")
+  assert paths.resolve_inside(tmp_path, "a/../b.wav", what="x") == tmp_path / "a/../b.wav"
