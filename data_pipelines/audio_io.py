@@ -130,17 +130,20 @@ def _check_target_rate(path: pathlib.Path, sample_rate) -> int:
 
 
 def _info(path: pathlib.Path):
-  """soundfile's header of `path`; AudioError('missing' / 'unreadable' / 'unsupported_rate')."""
+  """soundfile's header of `path`; AudioError('missing' / 'unreadable')."""
   if not path.exists():  # libsndfile would only say "System error"
     raise AudioError(path, "missing", "no such file (it does not exist)")
   try:
     info = soundfile.info(str(path))
   except (soundfile.LibsndfileError, RuntimeError, OSError, ValueError, EOFError) as e:
     raise AudioError(path, "unreadable", f"{type(e).__name__}: {e}") from e
-  if info.samplerate < MIN_SOURCE_RATE:
-    raise AudioError(path, "unsupported_rate", f"the header says {info.samplerate} Hz; rates "
-                     f"below {MIN_SOURCE_RATE} Hz are not audio recordings (damaged header?)")
   return info
+
+
+def _check_source_rate(path: pathlib.Path, source_rate: int) -> None:
+  if source_rate < MIN_SOURCE_RATE:
+    raise AudioError(path, "unsupported_rate", f"the header says {source_rate} Hz; rates "
+                     f"below {MIN_SOURCE_RATE} Hz are not audio recordings (damaged header?)")
 
 
 def _read(path: pathlib.Path, dtype: str, start: int = 0, frames: int = -1) -> np.ndarray:
@@ -210,6 +213,7 @@ def decode(path: os.PathLike | str, sample_rate: int, *, quality: str = "HQ") ->
   # Fast path: nothing to convert, so keep the stored samples bit-exact.
   exact = info.channels == 1 and info.samplerate == sample_rate and info.subtype == "PCM_16"
   data = _read(path, "int16" if exact else "float32")
+  _check_source_rate(path, info.samplerate)
   notes = ["truncated"] if wav_truncation(path) else []
   if exact:
     return DecodedAudio(data[:, 0].copy(), sample_rate, info.samplerate, data.shape[1],
@@ -242,9 +246,12 @@ def decode_crop(path: os.PathLike | str, sample_rate: int, num_samples: int,
     raise ValueError(f"decode_crop({path}): crop must be 'head' or 'center', got {crop!r}")
   info = _info(path)
   src = info.samplerate
+  if info.frames <= 0:  # as `decode` says it: empty before a bad rate
+    return _crop_of_whole(path, sample_rate, num_samples, crop, quality)
+  _check_source_rate(path, src)
   total = int(round(info.frames * sample_rate / src))  # soxr's output length
   margin = 0 if src == sample_rate else int(np.ceil(_CROP_MARGIN_SECONDS * src))
-  if info.frames <= 0 or total <= num_samples or info.format == "MPEG":
+  if total <= num_samples or info.format == "MPEG":
     # Short files (and MP3, whose frame count is an estimate): nothing to save.
     return _crop_of_whole(path, sample_rate, num_samples, crop, quality)
   t0 = 0 if crop == "head" else (total - num_samples) // 2
