@@ -2,6 +2,7 @@
 
   python -m hade_jax.search index --workdir=/tmp/hade_demo --audio_dir=~/sounds --out=~/idx
   python -m hade_jax.search query --index=~/idx "a dog barks while cars pass" [--k=10]
+  python -m hade_jax.search verify --index=~/idx
 
 `index` embeds every audio file under `--audio_dir` (recursively; any format soundfile reads)
 with a progress bar. The features each clip needs for the full HADE score (global embedding,
@@ -22,10 +23,19 @@ hade_jax/distributed.py). Every process decodes the same batches and the encoder
 batch over all devices of all hosts; process 0 alone writes the index. The audio folder (and,
 for `query`, the index) must be readable on every host, e.g. a shared filesystem.
 
+Re-running `index` on a folder that changed re-embeds the files whose size or modification
+time differ from those recorded, drops the files that are gone, and reports how many were
+added, changed and removed. Every shard file's size and sha256 are in the manifest: opening
+an index checks sizes, the small files in full and the large arrays by a sampled hash, and
+`verify` hashes everything; a damaged file is named in the error.
+
 Index layout:
-  index.json                       manifest (format, model, audio settings, shards, skipped)
+  index.json                       manifest (format, model, audio settings, shards with each
+                                   file's size and sha256, skipped)
   shards/000000/names.json         the shard's files, relative to the audio folder
+  shards/000000/sources.json       each file's [size, mtime_ns] when it was embedded
   shards/000000/<feature>.npy      one array per feature, first axis = the shard's clips
+  shards/000000/.hade_jax_shard    marks a folder the index wrote (only those are ever deleted)
 
 Legend: N: corpus clips, Q: queries, K: results, D: joint width.
 """
@@ -34,10 +44,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import sys
 import time
@@ -48,7 +60,7 @@ import numpy as np
 import tqdm
 
 from data_pipelines import audio_io
-from hade_jax import api, distributed, retrieval
+from hade_jax import api, distributed, paths, retrieval
 from hade_jax import eval as hade_eval
 from hade_jax import heads as hade_heads
 
@@ -56,6 +68,59 @@ log = logging.getLogger("hade_jax.search")
 
 FORMAT = "hade_jax.index/1"
 MANIFEST = "index.json"
+# What the index creates under shards/: folders named by these patterns holding a marker file.
+# Nothing else there is ever deleted (a user's own files may sit next to the shards).
+SHARD_NAME = re.compile(r"^\d{6}$")
+PARTIAL_SHARD_NAME = re.compile(r"^\.tmp-\d{6}$")
+SHARD_MARKER = ".hade_jax_shard"
+# Per shard: each row's audio file size and modification time, to notice changed files.
+SOURCES = "sources.json"
+# Files of a shard hashed in full every time the index is opened (they are read in full
+# anyway); the memory-mapped token arrays are checked by size and a sampled hash on open
+# and in full by `verify_index` (hashing runs at about 1 GB/s; see RELIABILITY.md).
+_FULLY_HASHED_ON_OPEN = ("global.npy", "names.json", SOURCES)
+_QUICK_BLOCK = 1 << 16
+_QUICK_BLOCKS = 16
+
+
+class DamagedIndexError(ValueError):
+  """An index file is missing, truncated or altered since it was written (names the file)."""
+
+
+def _digests(path: pathlib.Path) -> dict:
+  """{'size', 'sha256' (all bytes), 'quick' (size + evenly spaced 64 KiB blocks)} of a file."""
+  full = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      full.update(block)
+  return {"size": path.stat().st_size, "sha256": full.hexdigest(), "quick": _quick_digest(path)}
+
+
+def _quick_digest(path: pathlib.Path) -> str:
+  """sha256 of the size and `_QUICK_BLOCKS` blocks spread over the file (head and tail
+  included): catches truncation and most overwrites without reading a large file."""
+  size = path.stat().st_size
+  digest = hashlib.sha256(str(size).encode())
+  with open(path, "rb") as f:
+    for offset in sorted({min(i * size // _QUICK_BLOCKS, max(size - _QUICK_BLOCK, 0))
+                          for i in range(_QUICK_BLOCKS + 1)}):
+      f.seek(offset)
+      digest.update(f.read(_QUICK_BLOCK))
+  return digest.hexdigest()
+
+
+def check_shard_file(path: pathlib.Path, record: dict, *, full: bool) -> str | None:
+  """What is wrong with one shard file against its manifest record, or None."""
+  if not path.is_file():
+    return f"{path}: missing (the manifest lists it)"
+  size = path.stat().st_size
+  if size != record["size"]:
+    return f"{path}: {size} bytes, the manifest recorded {record['size']} (truncated or replaced)"
+  if full and _digests(path)["sha256"] != record["sha256"]:
+    return f"{path}: sha256 differs from the manifest's (the file was altered)"
+  if not full and _quick_digest(path) != record["quick"]:
+    return f"{path}: sampled hash differs from the manifest's (the file was altered)"
+  return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,38 +162,76 @@ def _atomic_write_json(path: pathlib.Path, obj) -> None:
 class Index:
   """An on-disk index: global embeddings in memory, everything else memory-mapped.
 
+  Opening checks every shard file against the manifest: its size, a full sha256 of the
+  files read in full (`global.npy`, `names.json`, `sources.json`) and a sampled hash of the
+  memory-mapped arrays (`verify_index` hashes everything).
+
   Attributes:
     path: the index folder.
     manifest: the parsed `index.json`.
     names: the indexed files, relative to `manifest['audio']['root']`, in row order.
+    sources: per indexed file, [size, mtime_ns] when it was embedded (None: an index written
+      before they were recorded).
+    changes: what the last `build_index` did: {'added', 'changed', 'removed'} file counts.
   """
 
-  def __init__(self, path: str | os.PathLike):
+  def __init__(self, path: str | os.PathLike, *, allow_symlinks_outside: bool = False):
     self.path = pathlib.Path(path).expanduser().absolute()
+    self.allow_symlinks_outside = allow_symlinks_outside
     manifest_path = self.path / MANIFEST
     if not manifest_path.is_file():
       raise FileNotFoundError(f"no index at {self.path}: expected {manifest_path}; build one "
                               "with python -m hade_jax.search index --audio_dir=... "
                               f"--out={self.path}")
-    self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    try:
+      self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+      raise DamagedIndexError(f"{manifest_path}: not a readable manifest ({e}); rebuild the "
+                              "index") from e
     if self.manifest.get("format") != FORMAT:
       raise ValueError(f"{manifest_path}: format {self.manifest.get('format')!r}, expected "
                        f"{FORMAT!r}")
     self._shards = []
     self.names: list[str] = []
+    self.sources: dict[str, list[int] | None] = {}
     for shard in self.manifest["shards"]:
-      folder = self.path / "shards" / shard["dir"]
-      arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r")
-                for name in self.manifest["features"]}
-      names = json.loads((folder / "names.json").read_text(encoding="utf-8"))
-      if any(len(a) != shard["count"] for a in arrays.values()) or len(names) != shard["count"]:
-        raise ValueError(f"{folder}: arrays or names do not hold the {shard['count']} clips the "
-                         "manifest lists; rebuild this index")
+      arrays, names, sources = self._open_shard(shard)
       self._shards.append(arrays)
       self.names += names
+      self.sources.update(zip(names, sources or [None] * len(names), strict=True))
     counts = [s["count"] for s in self.manifest["shards"]]
     self._offsets = np.cumsum([0] + counts)
     self._global = None
+    self.changes = {"added": 0, "changed": 0, "removed": 0}
+
+  def shard_folder(self, shard: dict) -> pathlib.Path:
+    """The folder of a manifest shard entry, refused when it names anything but a shard."""
+    name = str(shard.get("dir"))
+    if not SHARD_NAME.match(name):
+      raise paths.PathOutsideError(f"{self.path / MANIFEST}: shard dir {name!r} is not a shard "
+                                   "name (six digits); the manifest was altered")
+    return paths.resolve_inside(self.path / "shards", name, what=str(self.path / MANIFEST),
+                                allow_symlinks_outside=self.allow_symlinks_outside)
+
+  def _open_shard(self, shard: dict) -> tuple[dict, list[str], list | None]:
+    folder = self.shard_folder(shard)
+    for name, record in shard.get("files", {}).items():
+      problem = check_shard_file(folder / name, record, full=name in _FULLY_HASHED_ON_OPEN)
+      if problem:
+        raise DamagedIndexError(f"{problem}; run python -m hade_jax.search verify "
+                                f"--index={self.path}, then rebuild the index")
+    arrays = {name: _load_array(folder / f"{name}.npy") for name in self.manifest["features"]}
+    names = _load_json(folder / "names.json")
+    sources = _load_json(folder / SOURCES) if (folder / SOURCES).is_file() else None
+    bad = [f"{folder / (k + '.npy')}: {len(a)} rows" for k, a in arrays.items()
+           if len(a) != shard["count"]]
+    bad += [f"{folder / 'names.json'}: {len(names)} names"] if len(names) != shard["count"] else []
+    if sources is not None and len(sources) != shard["count"]:
+      bad.append(f"{folder / SOURCES}: {len(sources)} entries")
+    if bad:
+      raise DamagedIndexError(f"{'; '.join(bad)}: the manifest lists {shard['count']} clips "
+                              "in this shard; rebuild this index")
+    return arrays, names, sources
 
   @classmethod
   def create(cls, path: str | os.PathLike, *, model: dict, audio: dict,
@@ -140,7 +243,7 @@ class Index:
     (path / "shards").mkdir(parents=True, exist_ok=True)
     _atomic_write_json(path / MANIFEST, {
         "format": FORMAT, "model": model, "audio": audio, "features": features,
-        "shards": [], "skipped": [], "num_clips": 0})
+        "shards": [], "skipped": [], "num_clips": 0, "next_shard": 0})
     return cls(path)
 
   def __len__(self) -> int:
@@ -179,10 +282,12 @@ class Index:
     return unflatten_features(out, self.num_levels)
 
   def append(self, names: Sequence[str], features: hade_heads.AudioFeatures | None,
-             skipped: Sequence[dict] = ()) -> None:
+             skipped: Sequence[dict] = (), sources: Sequence[Sequence[int]] | None = None
+             ) -> None:
     """Writes one shard (atomically: temporary folder, rename, then the manifest).
 
-    `features` may be None when `names` is empty (only skipped files to record).
+    `features` may be None when `names` is empty (only skipped files to record). `sources`:
+    each file's [size, mtime_ns] when it was read.
     """
     arrays = flatten_features(features) if names else {}
     if names and set(arrays) != set(self.manifest["features"]):
@@ -193,33 +298,139 @@ class Index:
     manifest = dict(self.manifest)
     manifest["skipped"] = self.skipped + list(skipped)
     if len(names):
-      name = f"{len(self.manifest['shards']):06d}"
-      tmp = self.path / "shards" / f".tmp-{name}"
-      shutil.rmtree(tmp, ignore_errors=True)
-      tmp.mkdir(parents=True)
-      for key, array in arrays.items():
-        np.save(tmp / f"{key}.npy", array)
-      (tmp / "names.json").write_text(json.dumps(list(names)), encoding="utf-8")
-      os.replace(tmp, self.path / "shards" / name)
-      manifest["shards"] = self.manifest["shards"] + [{"dir": name, "count": len(names)}]
+      shard = self._write_shard(arrays, list(names), sources)
+      manifest["shards"] = self.manifest["shards"] + [shard]
+      manifest["next_shard"] = int(shard["dir"]) + 1
       manifest["num_clips"] = len(self) + len(names)
-      self._shards.append({k: np.load(self.path / "shards" / name / f"{k}.npy", mmap_mode="r")
-                           for k in arrays})
-      self.names += list(names)
-      self._offsets = np.append(self._offsets, self._offsets[-1] + len(names))
-      self._global = None
     _atomic_write_json(self.path / MANIFEST, manifest)
     self.manifest = manifest
+    if len(names):
+      self._shards.append({k: np.load(self.shard_folder(shard) / f"{k}.npy", mmap_mode="r")
+                           for k in arrays})
+      self.names += list(names)
+      self.sources.update(zip(names, sources or [None] * len(names), strict=True))
+      self._offsets = np.append(self._offsets, self._offsets[-1] + len(names))
+      self._global = None
+
+  def _write_shard(self, arrays: dict[str, np.ndarray], names: list[str],
+                   sources: Sequence[Sequence[int]] | None) -> dict:
+    """Writes a shard folder (temporary name, then renamed); returns its manifest entry."""
+    shards = self.manifest["shards"]
+    number = self.manifest.get("next_shard", len(shards))  # indexes before 'next_shard'
+    name = f"{number:06d}"
+    tmp = self.path / "shards" / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / SHARD_MARKER).write_text("written by hade_jax.search\n", encoding="utf-8")
+    for key, array in arrays.items():
+      np.save(tmp / f"{key}.npy", array)
+    (tmp / "names.json").write_text(json.dumps(names), encoding="utf-8")
+    if sources is not None:
+      (tmp / SOURCES).write_text(json.dumps([list(map(int, x)) for x in sources]),
+                                 encoding="utf-8")
+    files = {p.name: _digests(p) for p in sorted(tmp.iterdir()) if p.name != SHARD_MARKER}
+    os.replace(tmp, self.path / "shards" / name)
+    return {"dir": name, "count": len(names), "files": files}
+
+  def drop(self, names: set[str]) -> int:
+    """Removes the rows and skipped entries of `names`: each shard holding some is rewritten
+    without them (a new shard, then the manifest, then the old folder is deleted). Returns
+    the rows removed."""
+    removed = 0
+    for s in reversed(range(len(self.manifest["shards"]))):
+      shard = self.manifest["shards"][s]
+      start, stop = int(self._offsets[s]), int(self._offsets[s + 1])
+      keep = [i for i in range(start, stop) if self.names[i] not in names]
+      if len(keep) == stop - start:
+        continue
+      removed += stop - start - len(keep)
+      manifest = dict(self.manifest)
+      shards = list(manifest["shards"])
+      if keep:
+        rows = np.asarray(keep)
+        new = self._write_shard(flatten_features(self.take(rows)),
+                                [self.names[i] for i in keep],
+                                [self.sources[self.names[i]] for i in keep]
+                                if all(self.sources[self.names[i]] for i in keep) else None)
+        shards[s] = new
+        manifest["next_shard"] = int(new["dir"]) + 1
+      else:
+        del shards[s]
+      manifest["shards"] = shards
+      manifest["num_clips"] = sum(x["count"] for x in shards)
+      _atomic_write_json(self.path / MANIFEST, manifest)
+      self.manifest = manifest
+      shutil.rmtree(self.shard_folder(shard))
+      self.__init__(self.path, allow_symlinks_outside=self.allow_symlinks_outside)
+    if any(x["file"] in names for x in self.skipped):  # tried again, or gone
+      self.manifest = dict(self.manifest, skipped=[x for x in self.skipped
+                                                   if x["file"] not in names])
+      _atomic_write_json(self.path / MANIFEST, self.manifest)
+    return removed
 
   def remove_partial_shards(self) -> list[str]:
-    """Deletes shard folders the manifest does not list (a run stopped mid-shard)."""
+    """Deletes the shard folders this index wrote that the manifest does not list (a run
+    stopped mid-shard). Anything else under shards/ is left alone, with a warning."""
     listed = {s["dir"] for s in self.manifest["shards"]}
+    ours = {SHARD_MARKER, "names.json", SOURCES} | {f"{k}.npy" for k in self.manifest["features"]}
     removed = []
     for folder in sorted((self.path / "shards").iterdir()):
-      if folder.is_dir() and folder.name not in listed:
+      if folder.name in listed:
+        continue
+      made_here = (folder.is_dir() and not folder.is_symlink()
+                   and (SHARD_NAME.match(folder.name) or PARTIAL_SHARD_NAME.match(folder.name))
+                   and all(p.name in ours and p.is_file() for p in folder.iterdir()))
+      if made_here:
         shutil.rmtree(folder)
         removed.append(folder.name)
+      else:
+        log.warning("%s is not a shard of this index; left alone", folder)
     return removed
+
+
+def _load_array(path: pathlib.Path) -> np.ndarray:
+  try:
+    return np.load(path, mmap_mode="r")
+  except (OSError, ValueError, EOFError) as e:
+    raise DamagedIndexError(f"{path}: unreadable ({type(e).__name__}: {e}); rebuild the "
+                            "index") from e
+
+
+def _load_json(path: pathlib.Path):
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, ValueError, UnicodeDecodeError) as e:
+    raise DamagedIndexError(f"{path}: unreadable ({type(e).__name__}: {e}); rebuild the "
+                            "index") from e
+
+
+def verify_index(path: str | os.PathLike) -> list[str]:
+  """Every problem of the index at `path`, hashing every shard file in full; [] when sound."""
+  path = pathlib.Path(path).expanduser().absolute()
+  problems = []
+  try:
+    manifest = Index(path).manifest  # structure, sizes and the hashes checked on open
+  except FileNotFoundError as e:
+    return [str(e)]
+  except ValueError as e:  # DamagedIndexError, PathOutsideError, a foreign format
+    problems.append(str(e))
+    try:
+      manifest = _load_json(path / MANIFEST)
+    except DamagedIndexError:
+      return problems
+  for shard in manifest.get("shards", []):
+    if not SHARD_NAME.match(str(shard.get("dir"))):
+      continue  # reported by the opening check
+    folder = path / "shards" / shard["dir"]
+    if "files" not in shard:
+      problems.append(f"{folder}: no checksums recorded (an index from an older version); "
+                      "rebuild it to make it verifiable")
+      continue
+    for name, record in shard["files"].items():
+      problem = check_shard_file(folder / name, record, full=True)
+      if problem and not any(problem in p for p in problems):  # once, not again in full
+        problems.append(problem)
+  return problems
 
 
 def feature_spec(features: hade_heads.AudioFeatures) -> dict[str, dict]:
@@ -276,23 +487,28 @@ def build_index(hade: api.Hade, audio_dir: str | os.PathLike, out: str | os.Path
   """
   root = pathlib.Path(audio_dir).expanduser().absolute()
   files = list_audio(root)
+  stats = file_stats(root, files)
   out = pathlib.Path(out).expanduser().absolute()
   batch_size = batch_size or hade.batch_size
   # With several processes all of them embed (the encoder is one program over every device)
   # and process 0 writes; every process reads what is done before process 0 changes anything.
   writes = distributed.is_main_process()
   index = None
+  changed, removed = set(), set()
   if (out / MANIFEST).is_file():
     index = Index(out)
     check_same_model(index, hade)
-    done = set(index.names) | {s["file"] for s in index.skipped}
+    changed, removed = stale_files(index, stats)
+    done = (set(index.names) | {s["file"] for s in index.skipped}) - changed - removed
     _sync_processes("hade_jax.search.read_index")
     if index.manifest["audio"]["root"] != str(root):
       log.warning("the index %s was started on %s; continuing with the files of %s", out,
                   index.manifest["audio"]["root"], root)
-    removed = index.remove_partial_shards() if writes else []
-    if removed:
-      log.warning("removed unfinished shard(s) %s of an interrupted run", removed)
+    partial = index.remove_partial_shards() if writes else []
+    if partial:
+      log.warning("removed unfinished shard(s) %s of an interrupted run", partial)
+    if writes and (changed or removed):
+      index.drop(changed | removed)  # changed files are embedded again below
   else:
     if not files:
       raise FileNotFoundError(f"no audio files ({', '.join(audio_io.AUDIO_EXTENSIONS)}) under "
@@ -306,14 +522,19 @@ def build_index(hade: api.Hade, audio_dir: str | os.PathLike, out: str | os.Path
   todo = [f for f in files if f not in done]
   if max_new_clips:
     todo = todo[:max_new_clips]
-  log.info("index %s: %d clips or files done, %d to embed", out, len(done), len(todo))
+  changes = {"added": sum(f not in changed for f in todo), "changed": len(changed),
+             "removed": len(removed)}
+  log.info("index %s: %d clips or files done, %d to embed (%d new, %d changed since indexed), "
+           "%d removed", out, len(done), len(todo), changes["added"], len(changed),
+           len(removed))
   bar = tqdm.tqdm(total=len(done) + len(todo), initial=len(done), unit="clip",
                   disable=not (progress and writes), desc="indexing")
   names, feats, skipped = [], [], []
 
   def flush():
     if (names or skipped) and writes:
-      index.append(names, retrieval.concat_features(feats) if feats else None, skipped)
+      index.append(names, retrieval.concat_features(feats) if feats else None, skipped,
+                   sources=[stats[n] for n in names])
       names.clear()
       feats.clear()
       skipped.clear()
@@ -332,7 +553,8 @@ def build_index(hade: api.Hade, audio_dir: str | os.PathLike, out: str | os.Path
         for name, wave in zip(batch, pool.map(load, batch), strict=True):
           if isinstance(wave, audio_io.AudioError):
             log.warning("skipping %s", wave)
-            skipped.append({"file": name, "reason": wave.reason, "detail": wave.detail})
+            skipped.append({"file": name, "reason": wave.reason, "detail": wave.detail,
+                            "source": stats[name]})
           else:
             waves.append(wave)
             ok.append(name)
@@ -348,7 +570,30 @@ def build_index(hade: api.Hade, audio_dir: str | os.PathLike, out: str | os.Path
   _sync_processes("hade_jax.search.index_written")
   if not writes:  # process > 0: the index as process 0 wrote it, if this host can see it
     index = Index(out) if (out / MANIFEST).is_file() else None
+  if index is not None:
+    index.changes = changes
   return index
+
+
+def file_stats(root: pathlib.Path, files: Sequence[str]) -> dict[str, list[int]]:
+  """[size, mtime_ns] of each file: recorded when it is embedded, compared when re-indexing."""
+  out = {}
+  for name in files:
+    st = (root / name).stat()
+    out[name] = [st.st_size, st.st_mtime_ns]
+  return out
+
+
+def stale_files(index: Index, stats: dict[str, list[int]]) -> tuple[set[str], set[str]]:
+  """(changed, removed): files of the index (embedded or skipped) whose size or mtime differ
+  from `stats`, and those no longer in the folder. Files indexed before sizes and times were
+  recorded count as unchanged."""
+  recorded = dict(index.sources)
+  recorded |= {s["file"]: s.get("source") for s in index.skipped}
+  removed = {n for n in recorded if n not in stats}
+  changed = {n for n, r in recorded.items()
+             if n in stats and r is not None and list(r) != stats[n]}
+  return changed, removed
 
 
 def _sync_processes(name: str) -> None:
@@ -463,11 +708,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="run N more times and report the median (warm) latency")
   distributed.add_argparse_flags(ask)
   ask.add_argument("queries", nargs="+", help="text queries")
+  check = sub.add_parser("verify", help="hash every file of an index against its manifest")
+  check.add_argument("--index", required=True)
   return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None):
   args = parse_args(argv)
+  if args.command == "verify":
+    problems = verify_index(args.index)
+    print("\n".join(problems) if problems else f"index {args.index}: every file verified")
+    if problems:
+      raise SystemExit(1)
+    return problems
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                       force=True)  # a library may have configured the root logger on import
   distributed.initialize_from_args(args)
@@ -485,7 +738,8 @@ def main(argv: Sequence[str] | None = None):
     index = build_index(hade, args.audio_dir, out, batch_size=args.batch_size or None,
                         shard_size=args.shard_size, progress=not args.no_progress)
     if distributed.is_main_process():
-      print(f"index {index.path}: {len(index)} clips, {len(index.skipped)} skipped")
+      print(f"index {index.path}: {len(index)} clips, {len(index.skipped)} skipped "
+            "({added} added, {changed} changed, {removed} removed)".format(**index.changes))
     return index
   index = Index(args.index)
   hade = load_for_index(index)
