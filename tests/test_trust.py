@@ -12,7 +12,7 @@ import pytest
 import soundfile
 
 from data_pipelines import audio_io
-from hade_jax import api, data, metrics, paths
+from hade_jax import api, data, metrics, paths, search
 from hade_jax import eval as hade_eval
 from hade_jax.convert import common as convert_common
 from tests.tiny_train_config import save_random_checkpoint
@@ -239,3 +239,123 @@ def test_outside_path_helper_refuses_absolute_and_parent_names(tmp_path):
   with pytest.raises(paths.PathOutsideError, match="absolute"):
     paths.resolve_inside(tmp_path, "/etc/passwd", what="x")
   assert paths.resolve_inside(tmp_path, "a/../b.wav", what="x") == tmp_path / "a/../b.wav"
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 3: the search index notices change and damage.
+
+
+def write_tone(path: pathlib.Path, freq: float, seconds: float = 0.5) -> None:
+  t = np.arange(int(16_000 * seconds)) / 16_000
+  soundfile.write(path, (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32), 16_000)
+
+
+@pytest.fixture()
+def indexed(model, tmp_path) -> tuple[pathlib.Path, pathlib.Path]:
+  """(audio folder, index folder): 4 tones indexed in shards of 2."""
+  audio = tmp_path / "audio"
+  audio.mkdir()
+  for i, freq in enumerate([220, 440, 880, 1760]):
+    write_tone(audio / f"t{i}.wav", freq)
+  out = tmp_path / "index"
+  search.build_index(model, audio, out, shard_size=2, batch_size=2, progress=False)
+  return audio, out
+
+
+def flip_byte(path: pathlib.Path, offset: int) -> None:
+  data = bytearray(path.read_bytes())
+  data[offset] ^= 0x40
+  path.write_bytes(bytes(data))
+
+
+def test_index_tamper_flipped_bytes_in_global_are_refused_naming_the_file(indexed):
+  _, out = indexed
+  target = out / "shards" / "000001" / "global.npy"
+  flip_byte(target, target.stat().st_size - 5)  # a value, not the header
+  with pytest.raises(search.DamagedIndexError, match=f"{target}: sha256 differs"):
+    search.Index(out)
+  problems = search.verify_index(out)
+  assert problems and str(target) in problems[0]
+  with pytest.raises(SystemExit):
+    search.main(["verify", f"--index={out}"])
+
+
+def test_index_tamper_in_a_token_array_is_found_by_verify(indexed, capsys):
+  _, out = indexed
+  assert search.verify_index(out) == []
+  search.main(["verify", f"--index={out}"])
+  assert "every file verified" in capsys.readouterr().out
+  target = out / "shards" / "000000" / "level0.npy"
+  flip_byte(target, target.stat().st_size // 2 + 3)
+  assert any(str(target) in p and "differs" in p for p in search.verify_index(out))
+
+
+def test_index_integrity_truncated_shard_names_the_file(indexed):
+  _, out = indexed
+  target = out / "shards" / "000000" / "level0.npy"
+  target.write_bytes(target.read_bytes()[:-100])
+  with pytest.raises(search.DamagedIndexError, match=f"{target}: .* bytes, the manifest "):
+    search.Index(out)
+  # Without the manifest's record (an old index), the loader's error names the file too.
+  manifest = json.loads((out / search.MANIFEST).read_text())
+  for shard in manifest["shards"]:
+    del shard["files"]
+  (out / search.MANIFEST).write_text(json.dumps(manifest))
+  with pytest.raises(search.DamagedIndexError, match=f"{target}: unreadable"):
+    search.Index(out)
+
+
+def test_index_stale_replaced_audio_is_re_embedded(model, indexed):
+  audio, out = indexed
+  write_tone(audio / "t1.wav", 3000, seconds=0.7)
+  index = search.build_index(model, audio, out, shard_size=2, batch_size=2, progress=False)
+  assert index.changes == {"added": 0, "changed": 1, "removed": 0}
+  assert sorted(index.names) == ["t0.wav", "t1.wav", "t2.wav", "t3.wav"]
+  row = index.names.index("t1.wav")
+  want = model.embed_audio(audio / "t1.wav")
+  np.testing.assert_allclose(index.take(np.array([row])).global_AxD, want.global_AxD,
+                             atol=1e-5)
+  assert search.verify_index(out) == []
+  # Nothing changed since: nothing is embedded again.
+  again = search.build_index(model, audio, out, shard_size=2, batch_size=2, progress=False)
+  assert again.changes == {"added": 0, "changed": 0, "removed": 0}
+
+
+def test_index_stale_deleted_audio_is_dropped(model, indexed):
+  audio, out = indexed
+  (audio / "t2.wav").unlink()
+  (audio / "t3.wav").unlink()
+  write_tone(audio / "t4.wav", 500)
+  index = search.build_index(model, audio, out, shard_size=2, batch_size=2, progress=False)
+  assert index.changes == {"added": 1, "changed": 0, "removed": 2}
+  assert sorted(index.names) == ["t0.wav", "t1.wav", "t4.wav"]
+  assert sorted(search.Index(out).names) == sorted(index.names)
+  assert search.verify_index(out) == []
+
+
+def test_index_integrity_user_files_under_shards_survive(model, indexed):
+  audio, out = indexed
+  shards = out / "shards"
+  (shards / "mine").mkdir()
+  (shards / "mine" / "notes.txt").write_text("my notes")
+  (shards / "000077").mkdir()
+  (shards / "000077" / "notes.txt").write_text("also mine")
+  (shards / "README").write_text("mine too")
+  partial = shards / ".tmp-000005"  # an interrupted shard write
+  partial.mkdir()
+  (partial / search.SHARD_MARKER).write_text("")
+  (partial / "global.npy").write_bytes(b"half")
+  search.build_index(model, audio, out, shard_size=2, batch_size=2, progress=False)
+  assert not partial.exists()
+  assert (shards / "mine" / "notes.txt").read_text() == "my notes"
+  assert (shards / "000077" / "notes.txt").read_text() == "also mine"
+  assert (shards / "README").read_text() == "mine too"
+
+
+def test_index_outside_manifest_shard_dir_is_refused(indexed):
+  _, out = indexed
+  manifest = json.loads((out / search.MANIFEST).read_text())
+  manifest["shards"][0]["dir"] = "../../elsewhere"
+  (out / search.MANIFEST).write_text(json.dumps(manifest))
+  with pytest.raises(paths.PathOutsideError, match="shard dir '../../elsewhere'"):
+    search.Index(out)
