@@ -60,7 +60,7 @@ import numpy as np
 import tqdm
 
 from data_pipelines import audio_io
-from hade_jax import api, distributed, paths, retrieval
+from hade_jax import api, distributed, metrics, paths, retrieval
 from hade_jax import eval as hade_eval
 from hade_jax import heads as hade_heads
 
@@ -560,6 +560,8 @@ def build_index(hade: api.Hade, audio_dir: str | os.PathLike, out: str | os.Path
             ok.append(name)
         if waves:
           feats.append(hade.embed_waves(waves, batch_size))
+          # A damaged model gives NaN features, which would rank first in every query.
+          metrics.check_finite_embeddings(feats[-1], ok, "audio")
           names.extend(ok)
         bar.update(len(batch))
         if len(names) >= shard_size:
