@@ -359,3 +359,19 @@ def test_index_outside_manifest_shard_dir_is_refused(indexed):
   (out / search.MANIFEST).write_text(json.dumps(manifest))
   with pytest.raises(paths.PathOutsideError, match="shard dir '../../elsewhere'"):
     search.Index(out)
+
+
+def test_index_nonfinite_embeddings_of_a_damaged_model_are_refused(model, tmp_path):
+  import jax
+  from flax import nnx
+
+  graphdef, state = nnx.split(model.model)
+  state = jax.tree.map(lambda x: x * np.nan if np.issubdtype(x.dtype, np.floating) else x, state)
+  damaged = api.Hade(nnx.merge(graphdef, state), model.config)
+  audio = tmp_path / "audio"
+  audio.mkdir()
+  write_tone(audio / "a.wav", 440)
+  with pytest.raises(metrics.NonFiniteScoresError, match=r"1 of 1 audio items \(first: a.wav\)"):
+    search.build_index(damaged, audio, tmp_path / "index", progress=False)
+  with pytest.raises(metrics.NonFiniteScoresError, match="a.wav"):
+    damaged.embed_audio(audio / "a.wav")
