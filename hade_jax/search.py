@@ -493,32 +493,7 @@ def build_index(hade: api.Hade, audio_dir: str | os.PathLike, out: str | os.Path
   # With several processes all of them embed (the encoder is one program over every device)
   # and process 0 writes; every process reads what is done before process 0 changes anything.
   writes = distributed.is_main_process()
-  index = None
-  changed, removed = set(), set()
-  if (out / MANIFEST).is_file():
-    index = Index(out)
-    check_same_model(index, hade)
-    changed, removed = stale_files(index, stats)
-    done = (set(index.names) | {s["file"] for s in index.skipped}) - changed - removed
-    _sync_processes("hade_jax.search.read_index")
-    if index.manifest["audio"]["root"] != str(root):
-      log.warning("the index %s was started on %s; continuing with the files of %s", out,
-                  index.manifest["audio"]["root"], root)
-    partial = index.remove_partial_shards() if writes else []
-    if partial:
-      log.warning("removed unfinished shard(s) %s of an interrupted run", partial)
-    if writes and (changed or removed):
-      index.drop(changed | removed)  # changed files are embedded again below
-  else:
-    if not files:
-      raise FileNotFoundError(f"no audio files ({', '.join(audio_io.AUDIO_EXTENSIONS)}) under "
-                              f"{root}")
-    probe = hade.embed_waves([np.zeros(hade.num_samples, np.float32)], 1)
-    _sync_processes("hade_jax.search.read_index")
-    if writes:
-      index = Index.create(out, model=model_record(hade), features=feature_spec(probe),
-                           audio={"root": str(root), "settings": hade.settings()})
-    done = set()
+  index, done, changed, removed = _open_for_build(hade, root, out, files, stats, writes)
   todo = [f for f in files if f not in done]
   if max_new_clips:
     todo = todo[:max_new_clips]
@@ -539,18 +514,13 @@ def build_index(hade: api.Hade, audio_dir: str | os.PathLike, out: str | os.Path
       feats.clear()
       skipped.clear()
 
-  def load(name):
-    try:
-      return hade.load_audio(root / name)
-    except audio_io.AudioError as e:
-      return e
-
   try:
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
       for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         waves, ok = [], []
-        for name, wave in zip(batch, pool.map(load, batch), strict=True):
+        loaded = pool.map(lambda name: _load_or_error(hade, root / name), batch)
+        for name, wave in zip(batch, loaded, strict=True):
           if isinstance(wave, audio_io.AudioError):
             log.warning("skipping %s", wave)
             skipped.append({"file": name, "reason": wave.reason, "detail": wave.detail,
@@ -575,6 +545,45 @@ def build_index(hade: api.Hade, audio_dir: str | os.PathLike, out: str | os.Path
   if index is not None:
     index.changes = changes
   return index
+
+
+def _load_or_error(hade: api.Hade, path: pathlib.Path) -> np.ndarray | audio_io.AudioError:
+  try:
+    return hade.load_audio(path)
+  except audio_io.AudioError as e:
+    return e
+
+
+def _open_for_build(hade: api.Hade, root: pathlib.Path, out: pathlib.Path, files: list[str],
+                    stats: dict[str, list[int]], writes: bool
+                    ) -> tuple[Index | None, set[str], set[str], set[str]]:
+  """(index, files done, changed, removed): the index at `out` resumed (unfinished shards
+  and stale rows removed by the writing process) or created."""
+  if not (out / MANIFEST).is_file():
+    if not files:
+      raise FileNotFoundError(f"no audio files ({', '.join(audio_io.AUDIO_EXTENSIONS)}) under "
+                              f"{root}")
+    probe = hade.embed_waves([np.zeros(hade.num_samples, np.float32)], 1)
+    _sync_processes("hade_jax.search.read_index")
+    index = None
+    if writes:
+      index = Index.create(out, model=model_record(hade), features=feature_spec(probe),
+                           audio={"root": str(root), "settings": hade.settings()})
+    return index, set(), set(), set()
+  index = Index(out)
+  check_same_model(index, hade)
+  changed, removed = stale_files(index, stats)
+  done = (set(index.names) | {s["file"] for s in index.skipped}) - changed - removed
+  _sync_processes("hade_jax.search.read_index")
+  if index.manifest["audio"]["root"] != str(root):
+    log.warning("the index %s was started on %s; continuing with the files of %s", out,
+                index.manifest["audio"]["root"], root)
+  partial = index.remove_partial_shards() if writes else []
+  if partial:
+    log.warning("removed unfinished shard(s) %s of an interrupted run", partial)
+  if writes and (changed or removed):
+    index.drop(changed | removed)  # changed files are embedded again by the caller
+  return index, done, changed, removed
 
 
 def file_stats(root: pathlib.Path, files: Sequence[str]) -> dict[str, list[int]]:
