@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hade_jax import distributed, trainer
-from tests.fault_harness import read_state  # numpy arrays, whatever mesh wrote them
+from tests.reliability_helpers import read_state  # numpy arrays, whatever mesh wrote them
 from tests.processes import ROOT, run_in_processes
 from tests.tiny_train_config import tiny_config
 

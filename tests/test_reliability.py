@@ -1,4 +1,4 @@
-"""Faults on purpose, the short versions of `python -m tests.fault_harness` (RELIABILITY.md).
+"""Faults on purpose, the short versions of `python -m tools.fault_harness` (RELIABILITY.md).
 
 Training killed with SIGKILL (before the first checkpoint, during a checkpoint write, at a
 random time) and rerun ends bit-identical to an uninterrupted run; a damaged newest checkpoint
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from hade_jax import checkpoints, trainer
-from tests import fault_harness as fh
+from tests import reliability_helpers as fh  # the fault functions (fh: fault helpers)
 
 # -- Kill and resume ----------------------------------------------------------------------------
 
