@@ -3,11 +3,12 @@
   python -m benchmarks.run --quick            # ~5 min: hade_jax vs PyTorch on this CPU
   python -m benchmarks.run                    # the full suite: comparison, pipeline, eval/search
   python -m benchmarks.run --device=gpu       # the comparison on a GPU, bfloat16 (both systems)
-  python -m benchmarks.run --sections=        # re-render BENCHMARKS.md from the saved results
+  python -m benchmarks.render                 # refill BENCHMARKS.md's tables from the saved results
 
 Each section writes its results to `benchmarks/results/<section>.json` (with the date, the
-machine and the command); BENCHMARKS.md is rendered from every results file present
-(`benchmarks/render.py` holds the prose), so a section not re-run keeps its last measurement.
+machine and the command); `benchmarks/render.py` then fills BENCHMARKS.md's marked tables from
+every results file present (the prose around them is written by hand), so a section not re-run
+keeps its last measurement.
 Sections:
   compare      hade_jax against the PyTorch reference (benchmarks/compare.py)
   pipeline     records -> device-ready batches (benchmarks/input_pipeline.py)
@@ -119,10 +120,7 @@ def run_script(args: list[str], out: pathlib.Path, command: str, quick: bool) ->
 
 
 def load_results() -> dict:
-  out = {}
-  for path in sorted(RESULTS.glob("*.json")):
-    out[path.stem] = json.loads(path.read_text())
-  return out
+  return render.load_results(RESULTS)
 
 
 def save(name: str, res: dict):
@@ -170,8 +168,8 @@ def main(argv=None):
     res = run_script(["-m", "benchmarks.eval_search", f"--out={out}",
                       *(["--quick"] if args.quick else [])], out, command, args.quick)
     save(name, res)
-  text = render.render(load_results())
-  pathlib.Path(args.out).write_text(text)
+  out = pathlib.Path(args.out)
+  out.write_text(render.render(load_results(), out.read_text(), str(out)))
   print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
 
 

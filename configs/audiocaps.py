@@ -1,4 +1,4 @@
-"""HADE on AudioCaps at paper scale (HADE.md section 7).
+"""HADE on AudioCaps at paper scale (docs/method.md section 7).
 
 Prepare AudioCaps first (the CSVs + your local audio; missing clips are skipped and listed):
   python -m data_pipelines.prepare --dataset=audiocaps --config=48k \

@@ -130,7 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # -- Checkpoints, logging and evaluation ----------------------------------------------------
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3  # the last N steps; the best step is kept apart in workdir/best.
-  c.best_metric = "val/t2a/R@1+R@5+R@10"  # model selection (HADE.md section 7).
+  c.best_metric = "val/t2a/R@1+R@5+R@10"  # model selection (docs/method.md section 7).
   c.log_every_steps = 50  # console + metrics.jsonl + TensorBoard.
   c.eval_every_steps = 1000  # validation retrieval metrics (0 = only at the end).
   c.eval_batch_size = 64  # clips / captions per encoder call at evaluation.

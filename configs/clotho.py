@@ -1,4 +1,4 @@
-"""HADE on Clotho v2.1 at paper scale (HADE.md section 7).
+"""HADE on Clotho v2.1 at paper scale (docs/method.md section 7).
 
 Prepare Clotho first (audio + CSVs from Zenodo in one folder):
   python -m data_pipelines.prepare --dataset=clotho --config=48k \

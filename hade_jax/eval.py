@@ -1,4 +1,4 @@
-"""Evaluation of a checkpoint with the metrics the field reports (HADE.md section 8).
+"""Evaluation of a checkpoint with the metrics the field reports (docs/method.md section 8).
 
   python -m hade_jax.eval --workdir=/tmp/hade_demo --split=test
   python -m hade_jax.eval --checkpoint=WD/best/480 --csv=captions.csv --audio_dir=audio/ \
@@ -239,7 +239,7 @@ def evaluate(config: ml_collections.ConfigDict | None = None, *,
              true_recall: bool = False, intervals: bool = True, shortlists: Sequence[int] = (),
              max_clips: int = 0, save_scores: bool = False, mesh: Mesh | None = None
              ) -> dict[str, float]:
-  """Retrieval metrics of a model on an evaluation set (HADE.md section 8).
+  """Retrieval metrics of a model on an evaluation set (docs/method.md section 8).
 
   Args:
     config: the training config (model, data.* for tokenizer/crop/dataset, eval_batch_size,

@@ -1,6 +1,6 @@
 """HadeModel: log-mel front end + HTS-AT audio tower + BERT/RoBERTa text tower + HADE heads.
 
-Specification: ../shared/HADE.md section 1; the heads are in `heads.py`.
+Specification: docs/method.md section 1; the heads are in `heads.py`.
 
 Legend: A: audios, T: texts, S: samples, N: frames, F: mel bins, M: words, C: encoder width.
 """

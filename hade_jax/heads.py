@@ -1,6 +1,6 @@
 """HADE heads: hierarchical alignment (THA), latent factors (DCR) and confidence (CA).
 
-Specification: ../shared/HADE.md sections 2-4. Every [lineage]/[choice] point of the spec is a
+Specification: docs/method.md sections 2-4. Every [lineage]/[choice] point of the method is a
 field of `HeadsConfig`, so ablations ("global only", "+THA", "+DCR", "+THA+DCR") are configs.
 
 Scores are computed for ALL (audio, text) pairs of two feature sets at once; each modality is
@@ -28,7 +28,7 @@ _EPS = 1e-8
 
 @dataclasses.dataclass(frozen=True)
 class HeadsConfig:
-  """The HADE heads on top of the two towers (HADE.md sections 2-5)."""
+  """The HADE heads on top of the two towers (docs/method.md sections 2-5)."""
 
   embed_dim: int = 512  # D, width of the joint space.
   # Global embeddings: 'clap' = Linear-ReLU-Linear as LAION-CLAP's projection layers, 'linear'.

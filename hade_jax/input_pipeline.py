@@ -53,7 +53,7 @@ _INT16_SCALE = 1.0 / 32768.0
 
 @dataclasses.dataclass(frozen=True)
 class SpecAugmentConfig:
-  """SpecAugment stripes (HADE §7: 2 time stripes of up to 64 frames, 2 of up to 8 bins).
+  """SpecAugment stripes (docs/method.md §7: 2 time stripes of up to 64 frames, 2 of up to 8 bins).
 
   Attributes:
     num_frames: N, log-mel frames the model's front end makes of S samples.
@@ -74,7 +74,7 @@ class SpecAugmentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
-  """What the pipelines read and how (the lead wires `config.input` to this).
+  """What the pipelines read and how (built from `config.data` by `data.input_config`).
 
   Attributes:
     data_dir: the TFDS data dir given to `python -m data_pipelines.prepare --data_dir`.

@@ -1,4 +1,4 @@
-"""HADE objective: L = L_S + alpha L_D + beta L_A (HADE.md section 5).
+"""HADE objective: L = L_S + alpha L_D + beta L_A (docs/method.md section 5).
 
 Legend: B: batch of (audio, text) pairs, A/T: audios/texts (= B in training), K: factors,
 d: factor width, L: levels.

@@ -1,4 +1,4 @@
-"""Retrieval metrics as the audio-text retrieval community reports them (HADE.md section 8).
+"""Retrieval metrics as the audio-text retrieval community reports them (docs/method.md section 8).
 
 Pure numpy. Inputs: a score matrix `scores_AxT` (clips x captions, higher = better) and, for
 every caption, the index of its clip (`caption_clip_T`).

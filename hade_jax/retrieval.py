@@ -3,7 +3,7 @@
 S(a, t) reads both sides (CA sees an audio factor and a text factor together), so retrieval is
 not one matrix product: each modality is encoded ONCE into cached features, then S is evaluated
 over tiles of (audio, text) pairs whose size bounds the memory of the [A, T, M, N] token
-interactions (HADE.md section 6). Tiles are jit-compiled once per tile shape (the last tile is
+interactions (docs/method.md §6). Tiles are jit-compiled once per tile shape (the last tile is
 padded), and their audio rows are split over the devices of a 1-D mesh ('data'): each device
 scores its rows against the whole text tile, and the [tA, tT] result comes back replicated so
 that every process can read it.

@@ -13,7 +13,7 @@ same command again continues where it stopped. Unreadable files are listed in th
 skipped. The manifest also names the checkpoint, the model's config and a fingerprint of its
 weights: queries load that model, and an index is never extended or queried with another.
 
-`query` is two-stage (HADE.md section 6): the `--shortlist` clips with the best global cosine
+`query` is two-stage (docs/method.md section 6): the `--shortlist` clips with the best global cosine
 (one matrix product over the in-memory global embeddings), then the full score on those clips
 only (their tokens read from the memory-mapped shards). `--shortlist=0` scores every clip;
 `--compare` runs both and reports how many of the exhaustive top k the two-stage search kept.

@@ -140,3 +140,16 @@ def test_markdown_has_the_ratio_columns():
   for title in ("## Data pipeline", "## Evaluation and search", "### Profile"):
     assert title in md
   assert "nan" not in md.replace("nanodo", "")
+
+
+def test_benchmarks_md_is_its_tables_filled_from_the_saved_results():
+  # `python -m benchmarks.render` changes nothing: the committed tables are the JSON's.
+  text = render.OUT.read_text()
+  assert render.render(bench_run.load_results(), text) == text
+  assert "<!-- table:compare_cpu/training -->" in text
+
+
+def test_a_marker_without_results_names_the_file_and_the_table():
+  text = "prose\n<!-- table:compare_gpu/training -->\n<!-- /table -->\n"
+  with pytest.raises(KeyError, match=r"BENCHMARKS.md marks tables \['compare_gpu/training'\]"):
+    render.render(bench_run.load_results(), text)

@@ -1,4 +1,4 @@
-"""HADE heads (THA, DCR, CA) against a per-pair numpy reference written from HADE.md."""
+"""HADE heads (THA, DCR, CA) against a per-pair numpy reference written from docs/method.md."""
 
 import dataclasses
 
@@ -60,7 +60,7 @@ def features(model, outs):
   return a, t
 
 
-# ---- per-pair numpy reference, written from HADE.md sections 2-4 ----------------------------
+# ---- per-pair numpy reference, written from docs/method.md sections 2-4 --------------------------
 
 
 def np_cos(x, y):

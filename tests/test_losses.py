@@ -1,4 +1,4 @@
-"""HADE losses against numpy references (HADE.md section 5)."""
+"""HADE losses against numpy references (docs/method.md section 5)."""
 
 import jax.numpy as jnp
 import numpy as np

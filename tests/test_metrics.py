@@ -1,4 +1,4 @@
-"""Retrieval metrics against hand-computed cases (HADE.md section 8)."""
+"""Retrieval metrics against hand-computed cases (docs/method.md section 8)."""
 
 import numpy as np
 import pytest

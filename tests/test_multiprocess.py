@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from hade_jax import distributed, trainer
-from tests.fault_harness import read_state  # numpy arrays, whatever mesh wrote them
 from tests.processes import ROOT, run_in_processes
+from tests.reliability_helpers import read_state  # numpy arrays, whatever mesh wrote them
 from tests.tiny_train_config import tiny_config
 
 # Adam's update is ~sign(g) * lr with eps=1e-8, which turns float noise of the reduction order

@@ -1,4 +1,4 @@
-"""Faults on purpose, the short versions of `python -m tests.fault_harness` (RELIABILITY.md).
+"""Faults on purpose, the short versions of `python -m tools.fault_harness` (RELIABILITY.md).
 
 Training killed with SIGKILL (before the first checkpoint, during a checkpoint write, at a
 random time) and rerun ends bit-identical to an uninterrupted run; a damaged newest checkpoint
@@ -10,13 +10,16 @@ import json
 import logging
 import math
 import random
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 from hade_jax import checkpoints, trainer
-from tests import fault_harness as fh
+from tests import reliability_helpers as fh  # the fault functions (fh: fault helpers)
 
 # -- Kill and resume ----------------------------------------------------------------------------
 
@@ -160,3 +163,13 @@ def test_preparation_killed_mid_shard_completes_with_the_same_records(tmp_path):
   assert [k["mode"] for k in result["kills"]] == modes
   assert "mid-shard" in [k["phase"] for k in result["kills"]]
   assert result["clips"] == {"train": 24, "validation": 6, "test": 6}
+
+
+def test_reliability_md_tables_are_the_saved_results(tmp_path):
+  # The harness rewrites only the marked tables, from its JSON: rerendering changes nothing.
+  out = tmp_path / "RELIABILITY.md"
+  shutil.copy(fh.ROOT / "RELIABILITY.md", out)
+  subprocess.run([sys.executable, "-m", "tools.fault_harness", "--render_only", f"--out={out}"],
+                 cwd=fh.ROOT, check=True, env=fh.train_env())
+  assert out.read_text() == (fh.ROOT / "RELIABILITY.md").read_text()
+  assert "<!-- table:faults -->\n| fault | tries | outcome |" in out.read_text()

@@ -1,10 +1,8 @@
-r"""Fault injection for hade_jax: kills, damaged checkpoints, NaNs, interrupted preparation.
+r"""Faults on purpose: the functions `tests/test_reliability.py` runs short and
+`python -m tools.fault_harness` runs long (writing RELIABILITY.md's fault tables).
 
-  python -m tests.fault_harness --kills=12 --prepare_kills=9 --out=RELIABILITY.md
-
-runs every fault below on the tiny synthcaps set and the tiny HADE of tests/tiny_train_config.py
-and writes RELIABILITY.md. tests/test_reliability.py runs a short version of each through the
-same functions.
+Each runs on the tiny synthcaps set and the tiny HADE of tests/tiny_train_config.py and asserts
+what must hold afterwards:
 
   train kills     `python -m hade_jax.train` killed with SIGKILL: as soon as its first step is
                   logged (before any checkpoint), the moment an orbax temporary step folder
@@ -24,36 +22,26 @@ same functions.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import logging
 import os
+import pathlib
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import pathlib  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Iterator, Sequence  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_DEVICES = 2  # XLA host devices of every training subprocess (bit-identity needs equal)
 ORBAX_TMP = "orbax-checkpoint-tmp"
-BEGIN, END = "<!-- fault_harness: begin -->", "<!-- fault_harness: end -->"
 
 
 def minilm_dir() -> pathlib.Path:
@@ -141,7 +129,7 @@ def _partial_dirs(ckpt_dir: pathlib.Path, since: float) -> list[str]:
   return sorted(found)
 
 
-def _finished_steps(ckpt_dir: pathlib.Path) -> list[int]:
+def finished_steps(ckpt_dir: pathlib.Path) -> list[int]:
   if not ckpt_dir.is_dir():
     return []
   return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
@@ -198,7 +186,7 @@ def kill_once(command: Sequence[str], workdir: pathlib.Path, mode: str, rng: ran
       proc.kill()
       proc.wait()
   partial = _partial_dirs(ckpt_dir, wall0)
-  finished = _finished_steps(ckpt_dir)
+  finished = finished_steps(ckpt_dir)
   new_steps = _lines(batches) - lines_before
   if new_steps == 0:
     phase = "startup"
@@ -468,7 +456,7 @@ def all_damaged_refuses(workdir: pathlib.Path) -> str:
     restore_small(workdir)
   except RuntimeError as e:
     assert "refusing to restart from scratch" in str(e), e
-    assert _finished_steps(workdir / "checkpoints") == [1, 2]  # nothing moved or deleted
+    assert finished_steps(workdir / "checkpoints") == [1, 2]  # nothing moved or deleted
     return str(e)
   raise AssertionError("restored from damaged checkpoints")
 
@@ -512,12 +500,12 @@ def all_damaged_cli(reference: pathlib.Path, workdir: pathlib.Path,
                     command: Callable[[pathlib.Path], list[str]], log_path: pathlib.Path,
                     env: dict | None = None) -> str:
   shutil.copytree(reference, workdir)
-  for step in _finished_steps(workdir / "checkpoints"):
+  for step in finished_steps(workdir / "checkpoints"):
     damage(workdir / "checkpoints" / str(step), "overwritten")
-  before = _finished_steps(workdir / "checkpoints")
+  before = finished_steps(workdir / "checkpoints")
   code, output, _ = run(command(workdir), log_path, env=env, check=False)
   assert code != 0 and "refusing to restart from scratch" in output, output[-3000:]
-  assert _finished_steps(workdir / "checkpoints") == before
+  assert finished_steps(workdir / "checkpoints") == before
   return next(line for line in output.splitlines() if "refusing" in line).strip()
 
 
@@ -542,7 +530,7 @@ def damaged_on_one_process(data_dir: pathlib.Path, tokenizer_dir: pathlib.Path,
     assert "resumed from step 2, not the newest step 3" in output, output[-3000:]
   assert "unreadable on another process" in outputs[0], outputs[0][-3000:]
   assert "process_1-of-2.json does not match" in outputs[1], outputs[1][-3000:]
-  assert _finished_steps(workdir / "checkpoints")[-1] == 4
+  assert finished_steps(workdir / "checkpoints")[-1] == 4
   return [next(line.split("is unreadable (", 1)[1].rsplit("); trying", 1)[0]
                for line in out.splitlines() if "is unreadable (" in line) for out in outputs]
 
@@ -594,7 +582,7 @@ def nan_stops(data_dir, tokenizer_dir, workdir: pathlib.Path, at: int = 3) -> di
     else:
       raise AssertionError("a NaN batch did not stop training")
   assert f"non-finite loss/gradient between steps {at - 1} and {at}" in message, message
-  steps = _finished_steps(workdir / "checkpoints")
+  steps = finished_steps(workdir / "checkpoints")
   assert steps == list(range(1, at)), steps
   state = read_state(workdir, at - 1)
   assert_matches_checksums(workdir / "checkpoints" / str(at - 1), state)
@@ -616,7 +604,7 @@ def nan_skipped(data_dir, tokenizer_dir, workdir: pathlib.Path, at: int = 3) -> 
   with nan_clip_at({at}):
     trainer.train_and_evaluate(
         nan_config(data_dir, tokenizer_dir, skip_nonfinite_steps=True), workdir)
-  steps = _finished_steps(workdir / "checkpoints")
+  steps = finished_steps(workdir / "checkpoints")
   assert steps == [1, 2, 3, 4], steps
   before, skipped, after = (read_state(workdir, s) for s in (at - 1, at, at + 1))
   assert int(skipped["step"]) == at
@@ -642,7 +630,7 @@ def nan_too_many_skips(data_dir, tokenizer_dir, workdir: pathlib.Path) -> str:
       trainer.train_and_evaluate(config, workdir)
     except trainer.NonFiniteError as e:
       assert "2 steps in a row (steps 2..3)" in str(e), e
-      assert _finished_steps(workdir / "checkpoints") == [1, 2], workdir
+      assert finished_steps(workdir / "checkpoints") == [1, 2], workdir
       return str(e)
   raise AssertionError("max_consecutive_skips did not stop the run")
 
@@ -781,202 +769,3 @@ def _assert_same_dataset(reference: pathlib.Path, data_dir: pathlib.Path) -> dic
                      if "incomplete." in p.name or p.name.endswith(".partial"))
   assert not leftovers, leftovers
   return {split: len(v) for split, v in ids.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# The whole harness and RELIABILITY.md.
-
-
-def machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  with contextlib.suppress(OSError):
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  import jax
-  import orbax.checkpoint as ocp
-
-  return (f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores; "
-          f"Python {platform.python_version()}, jax {jax.__version__}, orbax-checkpoint "
-          f"{ocp.__version__}")
-
-
-def train_modes(kills: int, rng: random.Random) -> list[str]:
-  """The first kill before any checkpoint, then half aimed at checkpoint writes, half random."""
-  rest = ["checkpoint write"] * ((kills - 1 + 1) // 2) + ["random"] * ((kills - 1) // 2)
-  rng.shuffle(rest)
-  return ["first step"] + rest
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--kills", type=int, default=12, help="training kills")
-  parser.add_argument("--steps", type=int, default=30, help="training steps of the runs")
-  parser.add_argument("--prepare_kills", type=int, default=9)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", default=str(ROOT / "RELIABILITY.md"))
-  parser.add_argument("--workdir", default="", help="keep everything here (default: a "
-                      "temporary folder, removed at the end)")
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  for name in ("absl", "jax", "orbax", "hade_jax", "tensorboardX"):
-    logging.getLogger(name).setLevel(logging.ERROR)
-  started, wall = datetime.datetime.now(datetime.UTC), time.monotonic()
-  rng = random.Random(args.seed)
-  root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="fault_harness_"))
-  root.mkdir(parents=True, exist_ok=True)
-  logs = root / "logs"
-  logs.mkdir(exist_ok=True)
-  rows, notes = [], []
-
-  def quote(text: str, n: int) -> str:
-    text = text.replace(str(root), "$WORKDIR")
-    return f"`{text[:n]}{'...' if len(text) > n else ''}`"
-
-  def row(fault: str, tries: str, outcome: str):
-    rows.append((fault, tries, outcome))
-    logging.info("%s | %s | %s", fault, tries, outcome)
-
-  data_dir, tok = prepare_tiny(root / "tfds"), minilm_dir()
-  steps = args.steps
-  overrides = dict(total_steps=steps, checkpoint_every_steps=1, keep_checkpoints=3)
-
-  # -- Kill and resume -----------------------------------------------------------------------
-  env = train_env(root / "compile_cache")
-
-  def command_for(workdir: pathlib.Path) -> list[str]:
-    return train_command(workdir, data_dir, tok, **overrides)
-
-  reference = root / "reference"
-  _, _, ref_s = run(command_for(reference), logs / "reference.log", env=env)
-  killed = root / "killed"
-  command = command_for(killed)
-  kills, kill_s = kill_and_resume(command, killed, train_modes(args.kills, rng), rng, logs,
-                                  env=env)
-  same = assert_same_run(reference, killed, steps)
-  phases = {p: sum(k.phase == p for k in kills) for p in dict.fromkeys(k.phase for k in kills)}
-  aimed = sum(k.mode == "checkpoint write" for k in kills)
-  row("training killed (SIGKILL) and rerun", f"{len(kills)} kills ({aimed} aimed at a checkpoint "
-      "write); observed: " + ", ".join(f"{n} {p}" for p, n in phases.items()),
-      f"final state ({same['arrays']} arrays: parameters, optimizer state, batch-norm "
-      f"statistics, step) bit-identical to an uninterrupted run; the same clips at every one of "
-      f"the {steps} steps ({same['repeated_steps']} steps rerun after kills saw the same "
-      f"clips again); every metrics/batches line parses; {len(same['leftover_partial'])} "
-      f"orbax temporary folders left. {kill_s:.0f} s with kills vs {ref_s:.0f} s "
-      "uninterrupted")
-  notes.append("Training kills, in order (aimed at -> observed, after how long: steps this "
-               "run logged, finished checkpoints after the kill, its temporary folders left):\n\n"
-               + "\n".join(f"{i + 1}. {k.mode} -> {k.phase} after {k.seconds:.1f} s: "
-                           f"new steps {k.new_steps}, checkpoints {k.checkpoints}"
-                           + (f", partial {k.partial}" if k.partial else "")
-                           for i, k in enumerate(kills)))
-  _, _, again_s = run(command, logs / "after_completion.log", env=env)
-  assert_same_run(reference, killed, steps)
-  assert _finished_steps(killed / "checkpoints")[-1] == steps
-  row("rerun after completion", "1", f"exits 0 in {again_s:.0f} s (repeats the final "
-      "evaluation); state, checkpoints and data log unchanged")
-
-  # -- Damaged checkpoints -------------------------------------------------------------------
-  for kind in ("truncated", "overwritten"):
-    result = damaged_resume_cli(reference, root / f"damaged_{kind}", command_for, steps, kind,
-                                logs / f"damaged_{kind}.log", env)
-    row(f"newest checkpoint {kind} ({DAMAGE[kind][0]}), then the same command", "1",
-        f"warning, resumed from step {steps - 1}, the unreadable step renamed "
-        f"{steps}.unreadable, step {steps} retrained: final state bit-identical to the "
-        f"reference ({result['seconds']:.0f} s)")
-  message = all_damaged_cli(reference, root / "all_damaged", command_for,
-                            logs / "all_damaged.log", env)
-  row("every checkpoint overwritten, then the same command", "1",
-      f"exits with an error, nothing deleted or restarted: {quote(message, 200)}")
-  for kind, (what, _) in DAMAGE.items():
-    result = damaged_checkpoint_falls_back(root / f"small_{kind.replace(' ', '_')}", kind)
-    row(f"newest of 3 checkpoints: {what} (Checkpoints.restore_latest)", "1",
-        f"falls back to step {result['restored']} with the warning "
-        f"{quote(result['reason'], 220)}")
-  all_damaged_refuses(root / "small_all")
-  reasons = damaged_on_one_process(data_dir, tok, root / "two_processes")
-  row("2 processes: process 1's saved data position of the newest step changed, then the same "
-      "command", "1", f"both processes skip the step together (process 0: {quote(reasons[0], 150)};"
-      f" process 1: {quote(reasons[1], 200)}), resume from the step before and finish")
-  needed = orbax_alone_misses_overwritten_bytes(root / "small_orbax_alone")
-  notes.append("Without the checksums hade_jax now saves in `meta`, orbax "
-               + ("restores the checkpoint with overwritten bytes without an error, with wrong "
-                  "values (checked again by this run)." if needed else
-                  "noticed the overwritten bytes by itself in this run."))
-
-  # -- NaN -----------------------------------------------------------------------------------
-  stop = nan_stops(data_dir, tok, root / "nan_stop")
-  row("NaN clip at step 3, default (stop)", "1",
-      f"NonFiniteError {quote(stop['message'], 230)}; checkpoints on disk "
-      f"{stop['checkpoints']} (restore with checksums verified, finite)")
-  skip = nan_skipped(data_dir, tok, root / "nan_skip")
-  row("NaN clip at step 3, skip_nonfinite_steps=True", "1",
-      f"run completes; step 3 kept parameters, optimizer state and batch-norm statistics of "
-      f"step 2 bit for bit; train/skipped_steps={skip['skipped_steps']:.0f} (also in the "
-      "checkpoint)")
-  message = nan_too_many_skips(data_dir, tok, root / "nan_cap")
-  row("NaN clips at steps 2 and 3, skip mode, max_consecutive_skips=2", "1",
-      f"NonFiniteError {quote(message, 260)}")
-
-  # -- Interrupted preparation -----------------------------------------------------------------
-  prep_ref = root / "prepare_reference"
-  _, _, prep_s = run(prepare_command(prep_ref), logs / "prepare_reference.log")
-  modes = [list(PREPARE_KILLS)[i % len(PREPARE_KILLS)] for i in range(args.prepare_kills)]
-  result = kill_prepare_and_resume(prep_ref, root / "prepare_killed", modes, rng, prep_s)
-  observed = {}
-  for k in result["kills"]:
-    observed[k["phase"]] = observed.get(k["phase"], 0) + 1
-  row("dataset preparation killed (SIGKILL) and rerun",
-      f"{len(result['kills'])} kills over {result['preparations']} preparation(s); observed: "
-      + ", ".join(f"{n} {p}" for p, n in observed.items()),
-      f"every split's records byte-identical to an uninterrupted preparation "
-      f"({', '.join(f'{s} {n}' for s, n in result['clips'].items())} clips, none twice); no "
-      "work or incomplete folder left")
-
-  elapsed = time.monotonic() - wall
-  text = render(rows, notes, started, elapsed, argv if argv is not None else sys.argv[1:])
-  write_section(pathlib.Path(args.out), text)
-  logging.info("wrote %s (%.0f s)", args.out, elapsed)
-  if not args.workdir:
-    shutil.rmtree(root, ignore_errors=True)
-  return 0
-
-
-def render(rows, notes, started, elapsed: float, argv: Sequence[str]) -> str:
-  lines = [BEGIN, "## Fault injection (`tests/fault_harness.py`)", "",
-           f"Run {started:%Y-%m-%d %H:%M} UTC in {elapsed / 60:.1f} min on {machine()}.", "",
-           "```", "python -m tests.fault_harness " + " ".join(argv), "```", "",
-           "| fault | tries | outcome |", "|---|---|---|"]
-  lines += [f"| {f} | {t} | {o} |" for f, t, o in rows]
-  lines += [""] + [n + "\n" for n in notes]
-  lines.append(END)
-  return "\n".join(lines)
-
-
-HEADER = """\
-# Reliability
-
-What happens when things go wrong, tried on purpose. The section between the markers below is
-written by `python -m tests.fault_harness` (the same fault functions run, shorter, in
-`tests/test_reliability.py`); everything outside the markers is kept when it reruns.
-
-Bad input and bad configs (issue 8, items 5 and 6) are covered by property tests
-(`tests/test_properties.py`) and config validation (`tests/test_validation.py`).
-
-"""
-
-
-def write_section(path: pathlib.Path, section: str) -> None:
-  """Replaces the harness's section of `path` (between the markers), keeping the rest."""
-  text = path.read_text() if path.exists() else HEADER
-  if BEGIN in text and END in text:
-    head, rest = text.split(BEGIN, 1)
-    text = head + section + rest.split(END, 1)[1]
-  else:
-    text = text.rstrip("\n") + "\n\n" + section + "\n"
-  path.write_text(text)
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Command-line tools that measure hade_jax and write the repository's reports."""
