@@ -35,7 +35,7 @@ import soxr
 from flax import nnx
 from jax.sharding import Mesh
 
-from data_pipelines import audio_io
+from data_pipelines import audio_io, policy
 from hade_jax import hade, retrieval, tokenizer, trainer, validation
 from hade_jax import heads as hade_heads
 
@@ -135,37 +135,7 @@ def fingerprint(model: hade.HadeModel) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Waveforms: decode and the fixed crop policy.
-
-
-def check_crop_policy(crop: str, pad_mode: str) -> None:
-  """Raises ValueError unless (crop, pad_mode) is a one-crop-per-clip policy `fit_clip` knows."""
-  if crop not in ("head", "center"):
-    raise ValueError(f"config.data.eval_crop={crop!r}: embedding takes one crop per clip, "
-                     "'head' or 'center' ('windows' gives several rows per clip and is only "
-                     "for the TFDS evaluation pipeline)")
-  if pad_mode not in ("zeros", "repeat"):
-    raise ValueError(f"config.data.pad_mode={pad_mode!r}: expected 'zeros' or 'repeat'")
-
-
-def fit_clip(wave_L: np.ndarray, num_samples: int, crop: str = "head",
-             pad_mode: str = "zeros") -> np.ndarray:
-  """One crop of `num_samples` per clip, the evaluation pipeline's policy (no randomness).
-
-  Longer clips: the first ('head') or middle ('center', start (L - S) // 2) samples;
-  shorter clips: zeros at the end ('zeros') or the clip tiled ('repeat').
-  """
-  check_crop_policy(crop, pad_mode)
-  wave_L = np.asarray(wave_L, np.float32)
-  n = len(wave_L)
-  if n >= num_samples:
-    start = 0 if crop == "head" else (n - num_samples) // 2
-    return wave_L[start:start + num_samples]
-  if pad_mode == "repeat" and n > 0:
-    return np.tile(wave_L, -(-num_samples // n))[:num_samples]
-  out = np.zeros(num_samples, np.float32)
-  out[:n] = wave_L
-  return out
+# Waveforms: decode, then the crop policy of data_pipelines/policy.py.
 
 
 def array_to_mono(wave: np.ndarray, sample_rate: int, target_rate: int) -> np.ndarray:
@@ -194,8 +164,8 @@ def load_audio(item: AudioItem, *, sample_rate: int, num_samples: int, crop: str
     item: a path (any format soundfile reads) or an array ([samples] or [samples, channels]).
     sample_rate: the model's rate.
     num_samples: the crop length.
-    crop: 'head' or 'center' (`fit_clip`).
-    pad_mode: 'zeros' or 'repeat' (`fit_clip`).
+    crop: 'head' or 'center' (`data_pipelines.policy.crop_start`).
+    pad_mode: one of `data_pipelines.policy.PAD_MODES` (`policy.fit_clip`).
     item_rate: an array's rate (default `sample_rate`); files carry their own.
 
   Raises:
@@ -208,7 +178,10 @@ def load_audio(item: AudioItem, *, sample_rate: int, num_samples: int, crop: str
     # Decoded as the prepare step stores clips (int16 at the model's rate), so a file gives
     # the features its prepared record gives in evaluation.
     wave = audio_io.decode(item, sample_rate).samples.astype(np.float32) / 32768.0
-  return fit_clip(wave, num_samples, crop, pad_mode)
+  policy.check_crop_policy(crop, pad_mode)
+  start = policy.crop_start(len(wave), num_samples, crop)
+  return policy.fit_clip(np.asarray(wave, np.float32), num_samples, start=start,
+                         pad_mode=pad_mode)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +212,7 @@ class Hade:
     self.sample_rate = model.cfg.mel.sample_rate
     self.num_samples = int(round(d.crop_seconds * self.sample_rate))
     self.crop, self.pad_mode = d.eval_crop, d.pad_mode
-    check_crop_policy(self.crop, self.pad_mode)
+    policy.check_crop_policy(self.crop, self.pad_mode)
     self.batch_size = int(config.get("eval_batch_size", 64))
     self.tile = int(config.get("eval_tile", 256))
     self._tokenizer = None
