@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hade_jax import fields
 
 # Keys that configs saved before #12 hold in model.mel (HF's crop policy, now config.data's):
 # dropped when such a config is read, so existing checkpoints keep loading.
@@ -58,13 +59,22 @@ class LogMelConfig:
   top_db: float | None = None  # dynamic-range clip below each clip's max; HF never applies it.
 
   def __post_init__(self):
-    if self.mel_scale not in ("slaney", "htk", "kaldi"):
-      raise ValueError(f"mel_scale must be 'slaney', 'htk' or 'kaldi', got {self.mel_scale!r}")
-    if self.mel_norm not in (None, "slaney"):
-      raise ValueError(f"mel_norm must be None or 'slaney', got {self.mel_norm!r}")
+    p = fields.Problems(self)
+    p.types()
+    for name in ("sample_rate", "n_fft", "hop_length", "n_mels"):
+      p.at_least(name, 1)
+    for name in ("mel_floor", "amin", "ref"):
+      p.positive(name)
+    p.choice("mel_scale", ("slaney", "htk", "kaldi"))
+    p.choice("mel_norm", (None, "slaney"))
+    if p.items:
+      p.raise_any()
     if not 0 <= self.f_min <= self.f_max <= self.sample_rate / 2:
-      raise ValueError(f"need 0 <= f_min <= f_max <= sample_rate/2, got {self.f_min}, "
-                       f"{self.f_max}, {self.sample_rate}")
+      p.add("f_max", f"need 0 <= f_min <= f_max <= sample_rate/2, got {self.f_min}, "
+            f"{self.f_max}, {self.sample_rate}")
+    # The filterbank is [n_fft / 2 + 1, n_mels] float64, built on the host.
+    p.param_bytes(2 * self.n_freqs * self.n_mels, ("n_fft", "n_mels"))
+    p.raise_any()
 
   @property
   def n_freqs(self) -> int:
@@ -178,7 +188,8 @@ def log_mel(wave_BxS: jax.Array, cfg: LogMelConfig) -> jax.Array:
   """Log-mel spectrogram in dB, as `ClapFeatureExtractor(...).input_features[:, 0]`.
 
   Args:
-    wave_BxS: mono waveforms at `cfg.sample_rate`, already fitted to length (`data_pipelines.policy.fit_clip`).
+    wave_BxS: mono waveforms at `cfg.sample_rate`, already cut to length
+      (`data_pipelines.policy.fit_clip`).
       Computed in the array's float dtype: float32, or float64 under `jax.enable_x64`.
     cfg: the front-end configuration.
 
