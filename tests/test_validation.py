@@ -227,26 +227,34 @@ def test_mesh_shape_agrees_with_make_mesh(axes):
   except ValueError:
     expected = None
   try:
-    got = validation.mesh_shape(axes, DEVICES)
+    got = sharding.mesh_shape(axes, DEVICES)
   except ValueError:
     got = None
   assert got == expected
 
 
-def test_tables_match_their_sources():
-  from data_pipelines import builders
+def test_data_facts_have_one_owner():
+  from data_pipelines import builders, policy
   from hade_jax import input_pipeline
 
-  assert validation.RATES == builders.RATES
-  assert set(validation.SYNTH_SIZES) == {"", *builders._SYNTH_SIZES}  # noqa: SLF001
-  for pad_mode in validation.PAD_MODES:
-    for eval_crop in validation.EVAL_CROPS:
+  assert builders.RATES is policy.RATES
+  assert builders._SYNTH_SIZES is policy.SYNTH_SIZES  # noqa: SLF001
+  for pad_mode in policy.PAD_MODES:  # every mode the config may name, the pipeline accepts
+    for eval_crop in policy.EVAL_CROPS:
       input_pipeline.InputConfig(data_dir="", dataset="clotho", config="16k",
                                  sample_rate=16_000, tokenizer_path="", crop_seconds=1.0,
                                  max_text_len=8, pad_mode=pad_mode, eval_crop=eval_crop)
-  assert validation.builder_rate("48k_v2") == 48_000
-  assert validation.builder_rate("demo_16k") == 16_000
-  assert validation.builder_rate("custom1a2b3c4d_8000hz") == 8_000
+  assert policy.builder_rate("48k_v2") == 48_000
+  assert policy.builder_rate("demo_16k") == 16_000
+  assert policy.builder_rate("custom1a2b3c4d_8000hz") == 8_000
+  assert policy.builder_rate(policy.rate_name(8_000)) == 8_000
+
+
+def test_the_library_never_imports_configs():
+  root = ROOT / "hade_jax"
+  for path in [*root.rglob("*.py"), *(ROOT / "data_pipelines").rglob("*.py")]:
+    text = path.read_text()
+    assert "from configs" not in text and "import configs" not in text, path
 
 
 def test_best_metric_names_are_what_the_trainer_logs():
