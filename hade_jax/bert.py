@@ -65,6 +65,7 @@ class BertConfig:
                  "intermediate_size", "max_position_embeddings", "type_vocab_size"):
       p.at_least(name, 1)
     p.at_least("pad_token_id", 0)
+    p.at_most("num_hidden_layers", fields.MAX_BLOCKS, "blocks per tower")
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
       p.within(name, 0.0, 1.0)
     p.positive("layer_norm_eps")

@@ -18,6 +18,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 # num_hidden_layers=1e6 should fail in a second, not after minutes of allocation.
 MAX_PARAM_BYTES = 64 * 2**30
 BYTES_PER_PARAM = 4  # parameters stay float32 whatever the compute dtype
+# Blocks per tower: each is a Python object traced into the program, so a million of them is a
+# typo that would take hours before it ran out of memory. Real towers have 2-100.
+MAX_BLOCKS = 1000
 
 
 class ConfigError(ValueError):
@@ -141,6 +144,15 @@ class Problems:
       return False
     if not math.isfinite(value) or value < low:
       self.add(field, f"must be >= {low}, got {value!r}")
+      return False
+    return True
+
+  def at_most(self, field: str, high: float, why: str) -> bool:
+    value = getattr(self.obj, field)
+    if self.bad(field) or not is_real(value):
+      return False
+    if value > high:
+      self.add(field, f"must be <= {high} ({why}), got {value!r}")
       return False
     return True
 

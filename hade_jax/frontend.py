@@ -104,14 +104,19 @@ class LogMelConfig:
     """
     if d.get("feature_extractor_type", "ClapFeatureExtractor") != "ClapFeatureExtractor":
       raise ValueError(f"expected a ClapFeatureExtractor config, got {d['feature_extractor_type']}")
-    # HF's constructor defaults, used for keys the dict leaves out.
+    # HF's constructor defaults, used for keys the dict leaves out. Numbers pass as they are
+    # (no int("64")): __post_init__ names a field of the wrong type.
+    def get(key, default):
+      value = d.get(key, default)
+      return float(value) if isinstance(default, float) and fields.is_real(value) else value
+
     return cls(
-        sample_rate=int(d.get("sampling_rate", 48000)),
-        n_fft=int(d.get("fft_window_size", 1024)),
-        hop_length=int(d.get("hop_length", 480)),
-        n_mels=int(d.get("feature_size", 64)),
-        f_min=float(d.get("frequency_min", 0.0)),
-        f_max=float(d.get("frequency_max", 14000.0)),
+        sample_rate=get("sampling_rate", 48000),
+        n_fft=get("fft_window_size", 1024),
+        hop_length=get("hop_length", 480),
+        n_mels=get("feature_size", 64),
+        f_min=get("frequency_min", 0.0),
+        f_max=get("frequency_max", 14000.0),
     )
 
 

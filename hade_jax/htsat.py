@@ -113,6 +113,9 @@ class HtsatConfig:
       ints = value if fields.is_seq(value) else (value,)
       if not p.bad(name) and (not ints or not all(fields.is_int(x) and x >= 1 for x in ints)):
         p.add(name, f"expected positive integers, got {value!r}")
+    if not p.bad("depths") and sum(self.depths) > fields.MAX_BLOCKS:
+      p.add("depths", f"{self.depths}: must be <= {fields.MAX_BLOCKS} blocks in all (blocks "
+            "per tower)")
     p.positive("mlp_ratio")
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
       p.within(name, 0.0, 1.0)

@@ -71,7 +71,8 @@ def _compare_on_clips(waves, cfg):
   assert wave_BxS.shape == (len(waves), _num_samples(cfg))
 
   got64 = frontend.log_mel_x64(wave_BxS, cfg)
-  assert got64.shape == ref_BxNxF.shape == (len(waves), cfg.num_frames(_num_samples(cfg)), cfg.n_mels)
+  num_frames = cfg.num_frames(_num_samples(cfg))
+  assert got64.shape == ref_BxNxF.shape == (len(waves), num_frames, cfg.n_mels)
   err64 = np.abs(got64 - ref_BxNxF)
   assert err64.max() <= TOL_DB, f"float64 log-mel off by {err64.max()} dB"
 
