@@ -364,16 +364,14 @@ def clip_lengths(source: ClipSource) -> np.ndarray:
   return np.array([len(raw[i]["audio"]) // 2 for i in range(len(raw))], dtype=np.int64)
 
 
-def eval_rows(lengths: np.ndarray, num_samples: int, policy: str,
+def eval_rows(lengths: np.ndarray, num_samples: int, crop: str,
               max_windows: int | None = None) -> list[_Row]:
-  """The deterministic (record, start, window) rows of the eval crop policy."""
+  """The deterministic (record, start, window) rows of the eval crop policy `crop`."""
   rows = []
   for position, n in enumerate(lengths):
     n = int(n)
-    if n <= num_samples or policy == "head":
-      rows.append(_Row(position, 0, 0))
-    elif policy == "center":
-      rows.append(_Row(position, (n - num_samples) // 2, 0))
+    if n <= num_samples or crop != "windows":
+      rows.append(_Row(position, policy.crop_start(n, num_samples, crop), 0))
     else:
       count = -(-n // num_samples)
       if max_windows:
