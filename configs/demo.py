@@ -41,7 +41,7 @@ def get_config(arg: str | None = None):
   c.data.spec_time_width = 32
 
   mel = frontend.LogMelConfig(sample_rate=16_000, n_fft=512, hop_length=320, n_mels=32,
-                              f_min=50.0, f_max=8000.0, max_length_s=10.0)
+                              f_min=50.0, f_max=8000.0)
   audio = htsat.HtsatConfig.tiny(spec_size=128, num_mel_bins=32, patch_embeds_hidden_size=32,
                                  depths=(1, 1, 2, 1), num_attention_heads=(2, 4, 8, 8),
                                  window_size=4, hidden_dropout_prob=0.0)

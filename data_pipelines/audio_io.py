@@ -37,6 +37,8 @@ import numpy as np
 import soundfile
 import soxr
 
+from data_pipelines import policy
+
 # File name endings that are treated as audio when a folder is listed.
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".w64", ".rf64")
 
@@ -254,7 +256,7 @@ def decode_crop(path: os.PathLike | str, sample_rate: int, num_samples: int,
   if total <= num_samples or info.format == "MPEG":
     # Short files (and MP3, whose frame count is an estimate): nothing to save.
     return _crop_of_whole(path, sample_rate, num_samples, crop, quality)
-  t0 = 0 if crop == "head" else (total - num_samples) // 2
+  t0 = policy.crop_start(total, num_samples, crop)  # the one crop policy
   # Start the read on a frame whose time is a whole number of target samples, so the
   # resampled window is the whole file's output shifted by a whole number of samples.
   step = src // math.gcd(src, sample_rate)
@@ -278,5 +280,5 @@ def _crop_of_whole(path: pathlib.Path, sample_rate: int, num_samples: int, crop:
                    quality: str) -> DecodedAudio:
   """The crop taken from the whole decoded file."""
   wave = decode(path, sample_rate, quality=quality)
-  start = 0 if crop == "head" else max(len(wave.samples) - num_samples, 0) // 2
+  start = policy.crop_start(len(wave.samples), num_samples, crop)
   return dataclasses.replace(wave, samples=wave.samples[start:start + num_samples])

@@ -49,11 +49,11 @@ from array_record.python import array_record_module
 from etils import epath
 from tensorflow_datasets.core import example_serializer
 
-from data_pipelines import audio_io, readers, synthcaps
+from data_pipelines import audio_io, policy, readers, synthcaps
 
 # Bump when the record layout or the decoding changes: it invalidates unfinished shards.
 _FORMAT = "hade-audio-caption-v1"
-RATES = {"16k": 16_000, "22k": 22_050, "32k": 32_000, "44k": 44_100, "48k": 48_000}
+RATES = policy.RATES  # builder config name -> stored sample rate (data_pipelines/policy.py)
 SPLITS = ("train", "validation", "test")
 REPORT_FILENAME = "prepare_report.json"
 
@@ -532,12 +532,7 @@ Then: python -m data_pipelines.prepare --dataset=audiocaps --manual_dir=<that fo
     return {"caption_version": self.builder_config.caption_version}
 
 
-_SYNTH_SIZES = {
-    # name: (clips per split, clip seconds)
-    "tiny": ({"train": 12, "validation": 6, "test": 6}, 4.0),
-    "demo": ({"train": 960, "validation": 160, "test": 160}, 10.0),
-    "full": ({"train": 9600, "validation": 1040, "test": 1040}, 10.0),
-}
+_SYNTH_SIZES = policy.SYNTH_SIZES  # name -> (clips per split, clip seconds)
 
 
 def synth_config(size: str | None = None, sample_rate: int = 32_000, *,
@@ -548,7 +543,7 @@ def synth_config(size: str | None = None, sample_rate: int = 32_000, *,
     clips, clip_seconds = _SYNTH_SIZES[size][0], clip_seconds or _SYNTH_SIZES[size][1]
   params = synthcaps.Params(seed=seed, clips=dict(clips), clip_seconds=float(clip_seconds),
                             sample_rate=sample_rate, family_size=family_size)
-  rate_name = next((k for k, v in RATES.items() if v == sample_rate), f"{sample_rate}hz")
+  rate_name = policy.rate_name(sample_rate)
   default = size is not None and seed == 0 and family_size == 3 and (
       clip_seconds == _SYNTH_SIZES[size][1])
   if default:

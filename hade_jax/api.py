@@ -35,7 +35,7 @@ import soxr
 from flax import nnx
 from jax.sharding import Mesh
 
-from data_pipelines import audio_io
+from data_pipelines import audio_io, policy
 from hade_jax import hade, metrics, retrieval, tokenizer, trainer, validation
 from hade_jax import heads as hade_heads
 
@@ -135,37 +135,7 @@ def fingerprint(model: hade.HadeModel) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Waveforms: decode and the fixed crop policy.
-
-
-def check_crop_policy(crop: str, pad_mode: str) -> None:
-  """Raises ValueError unless (crop, pad_mode) is a one-crop-per-clip policy `fit_clip` knows."""
-  if crop not in ("head", "center"):
-    raise ValueError(f"config.data.eval_crop={crop!r}: embedding takes one crop per clip, "
-                     "'head' or 'center' ('windows' gives several rows per clip and is only "
-                     "for the TFDS evaluation pipeline)")
-  if pad_mode not in ("zeros", "repeat"):
-    raise ValueError(f"config.data.pad_mode={pad_mode!r}: expected 'zeros' or 'repeat'")
-
-
-def fit_clip(wave_L: np.ndarray, num_samples: int, crop: str = "head",
-             pad_mode: str = "zeros") -> np.ndarray:
-  """One crop of `num_samples` per clip, the evaluation pipeline's policy (no randomness).
-
-  Longer clips: the first ('head') or middle ('center', start (L - S) // 2) samples;
-  shorter clips: zeros at the end ('zeros') or the clip tiled ('repeat').
-  """
-  check_crop_policy(crop, pad_mode)
-  wave_L = np.asarray(wave_L, np.float32)
-  n = len(wave_L)
-  if n >= num_samples:
-    start = 0 if crop == "head" else (n - num_samples) // 2
-    return wave_L[start:start + num_samples]
-  if pad_mode == "repeat" and n > 0:
-    return np.tile(wave_L, -(-num_samples // n))[:num_samples]
-  out = np.zeros(num_samples, np.float32)
-  out[:n] = wave_L
-  return out
+# Waveforms: decode, then the crop policy of data_pipelines/policy.py.
 
 
 # Channel counts accepted in an array, and how much longer than the channel axis the sample
@@ -237,8 +207,8 @@ def load_audio(item: AudioItem, *, sample_rate: int, num_samples: int, crop: str
       `array_to_mono`).
     sample_rate: the model's rate.
     num_samples: the crop length.
-    crop: 'head' or 'center' (`fit_clip`).
-    pad_mode: 'zeros' or 'repeat' (`fit_clip`).
+    crop: 'head' or 'center' (`data_pipelines.policy.crop_start`).
+    pad_mode: one of `data_pipelines.policy.PAD_MODES` (`policy.fit_clip`).
     item_rate: an array's rate (required for arrays: a wrong guess gives wrong features
       without a word); files carry their own.
 
@@ -247,13 +217,13 @@ def load_audio(item: AudioItem, *, sample_rate: int, num_samples: int, crop: str
       source rate below 1 kHz (names the file).
     ValueError: an array without `item_rate`, or one `array_to_mono` refuses.
   """
+  policy.check_crop_policy(crop, pad_mode)
   if isinstance(item, np.ndarray):
     if item_rate is None:
       raise ValueError(f"an audio array of shape {item.shape} needs its rate: pass "
                        f"sample_rate=... (the model's rate is {sample_rate} Hz)")
     wave = array_to_mono(item, item_rate, sample_rate)
   elif isinstance(item, str | os.PathLike):
-    check_crop_policy(crop, pad_mode)
     # Decoded as the prepare step stores clips (int16 at the model's rate), so a file gives
     # the features its prepared record gives in evaluation; only the crop's frames are read.
     wave = audio_io.decode_crop(pathlib.Path(item), sample_rate, num_samples,
@@ -261,7 +231,9 @@ def load_audio(item: AudioItem, *, sample_rate: int, num_samples: int, crop: str
   else:
     raise TypeError(f"an audio item must be a path (str or os.PathLike) or a numpy array, got "
                     f"{type(item).__name__}")
-  return fit_clip(wave, num_samples, crop, pad_mode)
+  start = policy.crop_start(len(wave), num_samples, crop)
+  return policy.fit_clip(np.asarray(wave, np.float32), num_samples, start=start,
+                         pad_mode=pad_mode)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,7 +279,7 @@ class Hade:
     self.sample_rate = model.cfg.mel.sample_rate
     self.num_samples = int(round(d.crop_seconds * self.sample_rate))
     self.crop, self.pad_mode = d.eval_crop, d.pad_mode
-    check_crop_policy(self.crop, self.pad_mode)
+    policy.check_crop_policy(self.crop, self.pad_mode)
     self.batch_size = int(config.get("eval_batch_size", 64))
     self.tile = int(config.get("eval_tile", 256))
     self._tokenizer = None

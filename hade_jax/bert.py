@@ -25,9 +25,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hade_jax import layers
+from hade_jax import fields, layers
 
 VARIANTS = ("bert", "roberta")
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                "max_position_embeddings")
 # HF `model_type` -> variant. CLAP's text tower is RoBERTa with persistent position buffers.
 _MODEL_TYPES = {"bert": "bert", "roberta": "roberta", "clap_text_model": "roberta"}
 
@@ -54,15 +56,43 @@ class BertConfig:
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32.
 
   def __post_init__(self):
-    if self.variant not in VARIANTS:
-      raise ValueError(f"BertConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
+    # Types and ranges first (a config.json may say hidden_size="384" or num_hidden_layers=-3),
+    # then the sizes, so that nothing absurd is ever allocated.
+    p = fields.Problems(self)
+    p.types()
+    p.dtype()
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+      p.at_least(name, 1)
+    p.at_least("pad_token_id", 0)
+    p.at_most("num_hidden_layers", fields.MAX_BLOCKS, "blocks per tower")
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+      p.within(name, 0.0, 1.0)
+    p.positive("layer_norm_eps")
+    p.at_least("initializer_range", 0.0)
+    p.choice("variant", VARIANTS)
+    if p.items:
+      p.raise_any()
+    p.param_bytes(self.num_params, _SIZE_FIELDS)
     if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
-                       f"num_attention_heads {self.num_attention_heads}")
-    layers.activation(self.hidden_act)  # fails early, naming the known activations
+      p.add("hidden_size", f"{self.hidden_size} is not a multiple of num_attention_heads "
+            f"{self.num_attention_heads}")
+    try:
+      layers.activation(self.hidden_act)  # fails early, naming the known activations
+    except ValueError as e:
+      p.add("hidden_act", str(e))
     if self.variant == "roberta" and self.max_position_embeddings <= self.pad_token_id + 1:
-      raise ValueError(f"RoBERTa positions start at pad_token_id + 1 = {self.pad_token_id + 1}: "
-                       f"max_position_embeddings {self.max_position_embeddings} leaves no room")
+      p.add("max_position_embeddings", f"RoBERTa positions start at pad_token_id + 1 = "
+            f"{self.pad_token_id + 1}: max_position_embeddings {self.max_position_embeddings} "
+            "leaves no room")
+    p.raise_any()
+
+  @property
+  def num_params(self) -> int:
+    """Parameters, to within biases and LayerNorms (for the size check)."""
+    w, i = self.hidden_size, self.intermediate_size
+    rows = self.vocab_size + self.max_position_embeddings + self.type_vocab_size
+    return rows * w + self.num_hidden_layers * (4 * w * w + 2 * w * i) + w * w
 
   @property
   def head_dim(self) -> int:

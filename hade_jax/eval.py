@@ -54,7 +54,7 @@ import numpy as np
 import soundfile
 from jax.sharding import Mesh
 
-from data_pipelines import readers
+from data_pipelines import policy, readers
 from hade_jax import api, data, distributed, hade, metrics, paths, retrieval, tokenizer
 from hade_jax import heads as hade_heads
 
@@ -151,7 +151,7 @@ def folder_split(csv_path: str | os.PathLike, config: ml_collections.ConfigDict,
   settings = {"sample_rate": cfg.mel.sample_rate,
               "num_samples": int(round(d.crop_seconds * cfg.mel.sample_rate)),
               "crop": d.eval_crop, "pad_mode": d.pad_mode}
-  api.check_crop_policy(d.eval_crop, d.pad_mode)
+  policy.check_crop_policy(d.eval_crop, d.pad_mode)
   batch_size = int(config.eval_batch_size)
   tok = tokenizer.Tokenizer(pathlib.Path(d.tokenizer_dir).expanduser(), d.max_text_len)
   texts = [c for clip in clips for c in clip.captions]

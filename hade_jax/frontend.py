@@ -28,10 +28,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hade_jax import fields
+
+# Keys that configs saved before #12 hold in model.mel (HF's crop policy, now config.data's):
+# dropped when such a config is read, so existing checkpoints keep loading.
+RETIRED_KEYS = ("max_length_s", "padding")
+
 
 @dataclasses.dataclass(frozen=True)
 class LogMelConfig:
-  """Log-mel spectrogram and clip-length policy (field names follow torchaudio/librosa)."""
+  """Log-mel spectrogram (field names follow torchaudio/librosa).
+
+  The clip length is `config.data.crop_seconds` and the crop/pad policy is
+  `data_pipelines.policy` (HF's `max_length_s` / `padding` are not model fields).
+  """
 
   sample_rate: int = 48000  # Hz the waveform must already be at (HF: sampling_rate).
   n_fft: int = 1024  # frame = window = FFT length (HF: fft_window_size).
@@ -47,24 +57,24 @@ class LogMelConfig:
   amin: float = 1e-10  # power_to_db clamp (HF min_value).
   ref: float = 1.0  # power_to_db reference: 0 dB.
   top_db: float | None = None  # dynamic-range clip below each clip's max; HF never applies it.
-  max_length_s: float = 10.0  # clip length the model sees (HF: max_length_s).
-  padding: str = "repeatpad"  # short clips: 'repeatpad', 'repeat' or 'pad' (HF: padding).
 
   def __post_init__(self):
-    if self.mel_scale not in ("slaney", "htk", "kaldi"):
-      raise ValueError(f"mel_scale must be 'slaney', 'htk' or 'kaldi', got {self.mel_scale!r}")
-    if self.mel_norm not in (None, "slaney"):
-      raise ValueError(f"mel_norm must be None or 'slaney', got {self.mel_norm!r}")
-    if self.padding not in ("repeatpad", "repeat", "pad"):
-      raise ValueError(f"padding must be 'repeatpad', 'repeat' or 'pad', got {self.padding!r}")
+    p = fields.Problems(self)
+    p.types()
+    for name in ("sample_rate", "n_fft", "hop_length", "n_mels"):
+      p.at_least(name, 1)
+    for name in ("mel_floor", "amin", "ref"):
+      p.positive(name)
+    p.choice("mel_scale", ("slaney", "htk", "kaldi"))
+    p.choice("mel_norm", (None, "slaney"))
+    if p.items:
+      p.raise_any()
     if not 0 <= self.f_min <= self.f_max <= self.sample_rate / 2:
-      raise ValueError(f"need 0 <= f_min <= f_max <= sample_rate/2, got {self.f_min}, "
-                       f"{self.f_max}, {self.sample_rate}")
-
-  @property
-  def max_samples(self) -> int:
-    """Samples in a `max_length_s` clip (HF: nb_max_samples)."""
-    return int(round(self.max_length_s * self.sample_rate))
+      p.add("f_max", f"need 0 <= f_min <= f_max <= sample_rate/2, got {self.f_min}, "
+            f"{self.f_max}, {self.sample_rate}")
+    # The filterbank is [n_fft / 2 + 1, n_mels] float64, built on the host.
+    p.param_bytes(2 * self.n_freqs * self.n_mels, ("n_fft", "n_mels"))
+    p.raise_any()
 
   @property
   def n_freqs(self) -> int:
@@ -94,16 +104,19 @@ class LogMelConfig:
     """
     if d.get("feature_extractor_type", "ClapFeatureExtractor") != "ClapFeatureExtractor":
       raise ValueError(f"expected a ClapFeatureExtractor config, got {d['feature_extractor_type']}")
-    # HF's constructor defaults, used for keys the dict leaves out.
+    # HF's constructor defaults, used for keys the dict leaves out. Numbers pass as they are
+    # (no int("64")): __post_init__ names a field of the wrong type.
+    def get(key, default):
+      value = d.get(key, default)
+      return float(value) if isinstance(default, float) and fields.is_real(value) else value
+
     return cls(
-        sample_rate=int(d.get("sampling_rate", 48000)),
-        n_fft=int(d.get("fft_window_size", 1024)),
-        hop_length=int(d.get("hop_length", 480)),
-        n_mels=int(d.get("feature_size", 64)),
-        f_min=float(d.get("frequency_min", 0.0)),
-        f_max=float(d.get("frequency_max", 14000.0)),
-        max_length_s=float(d.get("max_length_s", 10)),
-        padding=str(d.get("padding", "repeatpad")),
+        sample_rate=get("sampling_rate", 48000),
+        n_fft=get("fft_window_size", 1024),
+        hop_length=get("hop_length", 480),
+        n_mels=get("feature_size", 64),
+        f_min=get("frequency_min", 0.0),
+        f_max=get("frequency_max", 14000.0),
     )
 
 
@@ -180,7 +193,8 @@ def log_mel(wave_BxS: jax.Array, cfg: LogMelConfig) -> jax.Array:
   """Log-mel spectrogram in dB, as `ClapFeatureExtractor(...).input_features[:, 0]`.
 
   Args:
-    wave_BxS: mono waveforms at `cfg.sample_rate`, already fitted to length (`fit_length`).
+    wave_BxS: mono waveforms at `cfg.sample_rate`, already cut to length
+      (`data_pipelines.policy.fit_clip`).
       Computed in the array's float dtype: float32, or float64 under `jax.enable_x64`.
     cfg: the front-end configuration.
 
@@ -227,61 +241,3 @@ def log_mel_x64(wave_BxS: np.ndarray, cfg: LogMelConfig) -> np.ndarray:
   with jax.enable_x64(True):
     wave = jnp.asarray(np.asarray(wave_BxS, dtype=np.float64))
     return np.asarray(_log_mel_jit(wave, cfg), dtype=np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# Clip-length policy (numpy; clip lengths differ, so this runs before batching).
-
-
-def fit_length(
-    wave: np.ndarray,
-    cfg: LogMelConfig,
-    *,
-    mode: str | None = None,
-    crop_start: int | None = None,
-    rng: np.random.Generator | None = None,
-) -> np.ndarray:
-  """Crops or pads one mono waveform to `cfg.max_samples`, as ClapFeatureExtractor does.
-
-  Longer clips: a crop of `max_samples` starting at `crop_start` (deterministic, e.g. 0 for
-  evaluation), else at a uniform start in [0, len - max_samples] drawn from `rng`, else from
-  numpy's global generator as HF does ('rand_trunc'). Shorter clips, by `mode`
-  (default `cfg.padding`): 'repeatpad' tiles the clip floor(max/len) times then zero-pads,
-  'repeat' tiles it past the end and cuts, 'pad' zero-pads.
-
-  Args:
-    wave: [S] waveform at `cfg.sample_rate`.
-    cfg: the front-end configuration.
-    mode: padding policy for short clips; None = cfg.padding.
-    crop_start: first sample of the crop for long clips.
-    rng: generator for random crops when crop_start is None.
-
-  Returns:
-    [cfg.max_samples] waveform, same dtype as `wave`.
-  """
-  wave = np.asarray(wave)
-  if wave.ndim != 1:
-    raise ValueError(f"fit_length expects a mono [samples] waveform, got shape {wave.shape}")
-  if wave.size == 0:
-    raise ValueError("fit_length got an empty waveform")
-  mode = cfg.padding if mode is None else mode
-  target = cfg.max_samples
-  if wave.shape[0] > target:
-    overflow = wave.shape[0] - target
-    if crop_start is None:
-      crop_start = int(rng.integers(0, overflow + 1)) if rng is not None else int(
-          np.random.randint(0, overflow + 1))
-    if not 0 <= crop_start <= overflow:
-      raise ValueError(f"crop_start {crop_start} outside [0, {overflow}] for a clip of "
-                       f"{wave.shape[0]} samples")
-    return wave[crop_start:crop_start + target]
-  if wave.shape[0] == target:
-    return wave
-  repeats = target // wave.shape[0]
-  if mode == "repeat":
-    wave = np.tile(wave, repeats + 1)[:target]
-  elif mode == "repeatpad":
-    wave = np.tile(wave, repeats)
-  elif mode != "pad":
-    raise ValueError(f"unknown padding mode {mode!r}; use 'repeatpad', 'repeat' or 'pad'")
-  return np.pad(wave, (0, target - wave.shape[0]))

@@ -41,8 +41,8 @@ class HadeConfig:
   @classmethod
   def from_config(cls, config: Mapping[str, Any]) -> HadeConfig:
     """Builds from a (ml_collections) mapping with sub-mappings audio/text/heads/mel."""
-    def build(dc, sub):
-      sub = dict(sub or {})
+    def build(dc, sub, retired=()):
+      sub = {k: v for k, v in dict(sub or {}).items() if k not in retired}
       for key in ("levels",):
         if key in sub:
           sub[key] = tuple(tuple(x) for x in sub[key])
@@ -55,7 +55,7 @@ class HadeConfig:
         audio=build(htsat.HtsatConfig, config.get("audio")),
         text=build(bert.BertConfig, config.get("text")),
         heads=build(hade_heads.HeadsConfig, config.get("heads")),
-        mel=build(frontend.LogMelConfig, config.get("mel")),
+        mel=build(frontend.LogMelConfig, config.get("mel"), frontend.RETIRED_KEYS),
     )
 
 

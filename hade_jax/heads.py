@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from hade_jax import layers
+from hade_jax import fields, layers
 
 _EPS = 1e-8
 
@@ -54,23 +54,34 @@ class HeadsConfig:
   dropout: float = 0.0
 
   def __post_init__(self):
-    _check_choice("projection", self.projection, ("clap", "linear"))
-    _check_choice("text_pool", self.text_pool, ("pooler", "cls", "mean"))
-    _check_choice("level_sim", self.level_sim, ("tokens", "pooled"))
-    _check_choice("text_level_pool", self.text_level_pool, ("cls", "mean"))
-    _check_choice("confidence_norm", self.confidence_norm, ("none", "softmax", "sigmoid"))
+    p = fields.Problems(self)
+    p.types()
+    p.choice("projection", ("clap", "linear"))
+    p.choice("text_pool", ("pooler", "cls", "mean"))
+    p.choice("level_sim", ("tokens", "pooled"))
+    p.choice("text_level_pool", ("cls", "mean"))
+    p.choice("confidence_norm", ("none", "softmax", "sigmoid"))
+    p.at_least("embed_dim", 1)
+    p.at_least("num_factors", 1)  # before embed_dim % num_factors
+    for name in ("global_weight", "dcr_weight", "max_logit_scale"):
+      p.at_least(name, 0.0)
+    p.positive("temperature_init")
+    p.within("dropout", 0.0, 1.0)
+    if not p.bad("levels") and not all(
+        fields.is_seq(x) and len(x) == 2 and all(fields.is_int(i) for i in x)
+        for x in self.levels):
+      p.add("levels", f"expected (audio stage, text block) integer pairs, got {self.levels!r}")
+    if p.items:
+      p.raise_any()
     if not (self.use_global or self.use_tha or self.use_dcr):
-      raise ValueError("HeadsConfig: at least one of use_global, use_tha, use_dcr must be on")
+      p.add("", "at least one of use_global, use_tha, use_dcr must be on")
     if self.use_dcr and self.embed_dim % self.num_factors:
-      raise ValueError(f"HeadsConfig.embed_dim={self.embed_dim} is not divisible by "
-                       f"num_factors={self.num_factors}")
+      p.add("embed_dim", f"{self.embed_dim} is not divisible by num_factors={self.num_factors}")
     if self.use_tha and not self.levels:
-      raise ValueError("HeadsConfig.levels is empty while use_tha is on")
-
-
-def _check_choice(field: str, value: str, allowed: tuple[str, ...]):
-  if value not in allowed:
-    raise ValueError(f"HeadsConfig.{field}={value!r}; expected one of {allowed}")
+      p.add("levels", "is empty while use_tha is on")
+    # The heads' largest weights are D x D (CLAP projections, the DCR linear map).
+    p.param_bytes(4 * self.embed_dim * self.embed_dim, ("embed_dim",))
+    p.raise_any()
 
 
 # ---------------------------------------------------------------------------------------------

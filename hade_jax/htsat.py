@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hade_jax import layers
+from hade_jax import fields, layers
 
 # HF builds the patch-embed, patch-merging and final LayerNorms with torch's default eps and
 # only the blocks' LayerNorms with `layer_norm_eps`.
@@ -75,6 +75,7 @@ class HtsatConfig:
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32.
 
   def __post_init__(self):
+    self._check_sizes()
     object.__setattr__(self, "patch_size", _pair(self.patch_size))
     object.__setattr__(self, "patch_stride", _pair(self.patch_stride))
     object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
@@ -99,6 +100,36 @@ class HtsatConfig:
         # HF shrinks the window there but keeps the full-size bias table: its forward fails.
         raise ValueError(f"stage {i} token map {h}x{w} is smaller than window_size "
                          f"{self.window_size}; HF ClapAudio cannot run this geometry")
+
+  def _check_sizes(self) -> None:
+    """Types and ranges (a config.json may say anything), then the parameter bytes."""
+    p = fields.Problems(self)
+    p.types(skip=("patch_size", "patch_stride"))  # an int or a pair (`_pair`)
+    p.dtype()
+    for name in ("spec_size", "num_mel_bins", "patch_embeds_hidden_size", "window_size"):
+      p.at_least(name, 1)
+    for name in ("depths", "num_attention_heads", "patch_size", "patch_stride"):
+      value = getattr(self, name)
+      ints = value if fields.is_seq(value) else (value,)
+      if not p.bad(name) and (not ints or not all(fields.is_int(x) and x >= 1 for x in ints)):
+        p.add(name, f"expected positive integers, got {value!r}")
+    if not p.bad("depths") and sum(self.depths) > fields.MAX_BLOCKS:
+      p.add("depths", f"{self.depths}: must be <= {fields.MAX_BLOCKS} blocks in all (blocks "
+            "per tower)")
+    p.positive("mlp_ratio")
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+      p.within(name, 0.0, 1.0)
+    p.positive("layer_norm_eps")
+    if p.items:
+      p.raise_any()
+    # Stage i has width C 2^i and depth d_i blocks of (4 + 2 mlp_ratio) C^2 weights; a patch
+    # merging of 8 C^2 follows every stage but the last.
+    c, num_params = self.patch_embeds_hidden_size, 0
+    for i, depth in enumerate(self.depths):
+      width = c * 2**i
+      num_params += depth * int((4 + 2 * self.mlp_ratio) * width * width) + 8 * width * width
+    p.param_bytes(num_params, ("patch_embeds_hidden_size", "depths", "mlp_ratio"))
+    p.raise_any()
 
   @property
   def freq_ratio(self) -> int:

@@ -46,6 +46,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
+from data_pipelines import policy
 from hade_jax import tokenizer as tokenizer_lib
 
 _INT16_SCALE = 1.0 / 32768.0
@@ -111,11 +112,10 @@ class InputConfig:
     return int(round(self.crop_seconds * self.sample_rate))
 
   def __post_init__(self):
-    if self.pad_mode not in ("zeros", "repeat"):
-      raise ValueError(f"pad_mode must be 'zeros' or 'repeat', got {self.pad_mode!r}")
-    if self.eval_crop not in ("head", "center", "windows"):
-      raise ValueError(f"eval_crop must be 'head', 'center' or 'windows', got "
-                       f"{self.eval_crop!r}")
+    if self.pad_mode not in policy.PAD_MODES:
+      raise ValueError(f"pad_mode must be one of {policy.PAD_MODES}, got {self.pad_mode!r}")
+    if self.eval_crop not in policy.EVAL_CROPS:
+      raise ValueError(f"eval_crop must be one of {policy.EVAL_CROPS}, got {self.eval_crop!r}")
 
 
 def dataset_dir(data_dir: os.PathLike | str, dataset: str, config: str) -> pathlib.Path:
@@ -211,28 +211,18 @@ def open_source(cfg: InputConfig, split: str, *, with_audio: bool = True) -> Cli
     raise ValueError(
         f"{source.path} holds audio at {source.sample_rate} Hz but the input config asks for "
         f"{cfg.sample_rate} Hz; use a config prepared at that rate (e.g. "
-        f"--config={_rate_name(cfg.sample_rate)}) or change sample_rate")
+        f"--config={policy.rate_name(cfg.sample_rate)}) or change sample_rate")
   return source
-
-
-def _rate_name(rate: int) -> str:
-  return {16000: "16k", 22050: "22k", 32000: "32k", 44100: "44k", 48000: "48k"}.get(
-      rate, f"<{rate} Hz>")
 
 
 def crop_or_pad(audio_L: np.ndarray, num_samples: int, start: int,
                 pad_mode: str = "zeros") -> tuple[np.ndarray, int]:
-  """int16 clip -> (float32 [S] from `start`, samples that are not zero padding)."""
-  x = audio_L[start:start + num_samples].astype(np.float32) * _INT16_SCALE
-  n = len(x)
-  if n == num_samples:
-    return x, n
-  if pad_mode == "repeat" and n > 0:
-    reps = -(-num_samples // n)
-    return np.tile(x, reps)[:num_samples], num_samples
-  out = np.zeros(num_samples, np.float32)
-  out[:n] = x
-  return out, n
+  """int16 clip -> (float32 [S] from `start`, samples that are not zero padding).
+
+  The crop/pad policy is `data_pipelines.policy.fit_clip`; only the int16 scaling is here.
+  """
+  audio_S, valid = policy.fit_clip(audio_L, num_samples, start=start, pad_mode=pad_mode)
+  return audio_S.astype(np.float32) * _INT16_SCALE, valid
 
 
 def sample_stripes(rng: np.random.Generator, count: int, max_width: int,
@@ -254,7 +244,7 @@ class TrainTransform(grain.transforms.RandomMap):
     cfg = self.cfg
     s = cfg.num_samples
     audio = record["audio"]
-    start = int(rng.integers(0, len(audio) - s + 1)) if len(audio) > s else 0
+    start = policy.crop_start(len(audio), s, "random", rng)
     audio_S, length = crop_or_pad(audio, s, start, cfg.pad_mode)
     k = int(rng.integers(len(record["captions"])))
     ids_M, mask_M = self.tokenizer.encode_one(record["captions"][k])
@@ -374,16 +364,14 @@ def clip_lengths(source: ClipSource) -> np.ndarray:
   return np.array([len(raw[i]["audio"]) // 2 for i in range(len(raw))], dtype=np.int64)
 
 
-def eval_rows(lengths: np.ndarray, num_samples: int, policy: str,
+def eval_rows(lengths: np.ndarray, num_samples: int, crop: str,
               max_windows: int | None = None) -> list[_Row]:
-  """The deterministic (record, start, window) rows of the eval crop policy."""
+  """The deterministic (record, start, window) rows of the eval crop policy `crop`."""
   rows = []
   for position, n in enumerate(lengths):
     n = int(n)
-    if n <= num_samples or policy == "head":
-      rows.append(_Row(position, 0, 0))
-    elif policy == "center":
-      rows.append(_Row(position, (n - num_samples) // 2, 0))
+    if n <= num_samples or crop != "windows":
+      rows.append(_Row(position, policy.crop_start(n, num_samples, crop), 0))
     else:
       count = -(-n // num_samples)
       if max_windows:

@@ -11,8 +11,11 @@ Batches are sharded over all mesh axes along their leading dimension.
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -27,21 +30,46 @@ BATCH_AXES = ("data", "fsdp")
 def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds a mesh from `[(name, size), ...]`; one size may be -1 (the rest of the devices)."""
   devices = list(jax.devices() if devices is None else devices)
-  names = [str(a) for a, _ in axes]
-  sizes = [int(s) for _, s in axes]
+  try:
+    shape = mesh_shape(axes, len(devices))
+  except ValueError as e:
+    raise ValueError(f"config.mesh: {e}") from None
+  used = math.prod(shape.values())  # an explicit smaller mesh uses the first devices
+  return Mesh(np.asarray(devices[:used]).reshape(tuple(shape.values())), tuple(shape))
+
+
+def mesh_shape(axes: Any, num_devices: int) -> dict[str, int]:
+  """The axis sizes of the mesh `axes` on `num_devices` devices (`make_mesh` builds it).
+
+  Raises:
+    ValueError: malformed axes (names, sizes), or sizes that do not divide the devices.
+  """
+  if isinstance(axes, str) or not isinstance(axes, Sequence) or not axes:
+    raise ValueError(f"expected a non-empty sequence of (axis name, size) pairs, got {axes!r}")
+  names, sizes = [], []
+  for item in axes:
+    if isinstance(item, str) or not isinstance(item, Sequence) or len(item) != 2:
+      raise ValueError(f"expected (axis name, size) pairs, got {item!r}")
+    name, size = item
+    if not isinstance(name, str) or not name:
+      raise ValueError(f"axis name {name!r} is not a non-empty string")
+    is_int = isinstance(size, numbers.Integral) and not isinstance(size, bool)
+    if not is_int or not (size >= 1 or size == -1):
+      raise ValueError(f"axis {name!r}: size {size!r} is not a positive integer or -1 "
+                       "(the remaining devices)")
+    names.append(name)
+    sizes.append(int(size))
+  if len(set(names)) != len(names):
+    raise ValueError(f"axis names {names} repeat")
   if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh {list(axes)}: at most one axis may have size -1")
-  known = int(np.prod([s for s in sizes if s != -1]))
-  if known <= 0 or len(devices) % known:
-    raise ValueError(f"config.mesh {list(axes)} does not divide the {len(devices)} available "
-                     f"devices")
-  if -1 not in sizes and known < len(devices):
-    devices = devices[:known]  # an explicit smaller mesh uses the first devices
-  sizes = [len(devices) // known if s == -1 else s for s in sizes]
-  if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"config.mesh {list(axes)} -> sizes {sizes} use {int(np.prod(sizes))} "
-                     f"devices, but {len(devices)} are available")
-  return Mesh(np.asarray(devices).reshape(sizes), names)
+    raise ValueError(f"{list(axes)}: at most one axis may have size -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if num_devices % known:
+    raise ValueError(f"{list(axes)} does not divide the {num_devices} available devices "
+                     f"(the fixed axes need a multiple of {known})")
+  used = num_devices if -1 in sizes else known
+  sizes = [used // known if s == -1 else s for s in sizes]
+  return dict(zip(names, sizes, strict=True))
 
 
 def spec_for(path: str, shape: tuple[int, ...], rules: Sequence[tuple[str, object]],

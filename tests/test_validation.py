@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -227,26 +228,34 @@ def test_mesh_shape_agrees_with_make_mesh(axes):
   except ValueError:
     expected = None
   try:
-    got = validation.mesh_shape(axes, DEVICES)
+    got = sharding.mesh_shape(axes, DEVICES)
   except ValueError:
     got = None
   assert got == expected
 
 
-def test_tables_match_their_sources():
-  from data_pipelines import builders
+def test_data_facts_have_one_owner():
+  from data_pipelines import builders, policy
   from hade_jax import input_pipeline
 
-  assert validation.RATES == builders.RATES
-  assert set(validation.SYNTH_SIZES) == {"", *builders._SYNTH_SIZES}  # noqa: SLF001
-  for pad_mode in validation.PAD_MODES:
-    for eval_crop in validation.EVAL_CROPS:
+  assert builders.RATES is policy.RATES
+  assert builders._SYNTH_SIZES is policy.SYNTH_SIZES  # noqa: SLF001
+  for pad_mode in policy.PAD_MODES:  # every mode the config may name, the pipeline accepts
+    for eval_crop in policy.EVAL_CROPS:
       input_pipeline.InputConfig(data_dir="", dataset="clotho", config="16k",
                                  sample_rate=16_000, tokenizer_path="", crop_seconds=1.0,
                                  max_text_len=8, pad_mode=pad_mode, eval_crop=eval_crop)
-  assert validation.builder_rate("48k_v2") == 48_000
-  assert validation.builder_rate("demo_16k") == 16_000
-  assert validation.builder_rate("custom1a2b3c4d_8000hz") == 8_000
+  assert policy.builder_rate("48k_v2") == 48_000
+  assert policy.builder_rate("demo_16k") == 16_000
+  assert policy.builder_rate("custom1a2b3c4d_8000hz") == 8_000
+  assert policy.builder_rate(policy.rate_name(8_000)) == 8_000
+
+
+def test_the_library_never_imports_configs():
+  root = ROOT / "hade_jax"
+  for path in [*root.rglob("*.py"), *(ROOT / "data_pipelines").rglob("*.py")]:
+    text = path.read_text()
+    assert "from configs" not in text and "import configs" not in text, path
 
 
 def test_best_metric_names_are_what_the_trainer_logs():
@@ -284,3 +293,113 @@ def test_train_command_fails_on_a_bad_batch_before_training(tmp_path):
   assert "config.batch_size" in result.stderr and "does not divide" in result.stderr
   assert not (workdir / "checkpoints").exists()
   assert not (tmp_path / "tfds").exists()  # the demo's auto-prepare never started
+
+
+# Issue 13 item 9: sizes that would allocate until memory runs out, or crash in arithmetic,
+# are refused by the config dataclasses with one ConfigError naming the field.
+BAD_SIZES = [
+    ({"model.text.num_hidden_layers": 1_000_000}, "config.model.text.num_hidden_layers",
+     "must be <= 1000"),
+    ({"model.text.num_hidden_layers": 900, "model.text.hidden_size": 8192,
+      "model.text.num_attention_heads": 8}, "config.model", "num_hidden_layers=900"),
+    ({"model.text.hidden_size": 1.2e9}, "config.model.text.hidden_size", "expected int"),
+    ({"model.text.hidden_size": 1_200_000_000}, "config.model", "hidden_size=1200000000"),
+    ({"model.text.vocab_size": 10**12}, "config.model", "vocab_size=1000000000000"),
+    ({"model.heads.embed_dim": 10**9}, "config.model", "embed_dim=1000000000"),
+    ({"batch_size": 10**9}, "config.batch_size", "of activations per device"),
+    ({"model.heads.num_factors": 0}, "config.model.heads.num_factors", "must be >= 1"),
+    ({"model.text.num_hidden_layers": -3}, "config.model.text.num_hidden_layers",
+     "must be >= 1"),
+    ({"model.text.hidden_size": "384"}, "config.model.text.hidden_size", "got str '384'"),
+    ({"model.audio.depths": (1, 1, 10**6, 1)}, "config.model.audio.depths", "<= 1000"),
+    ({"model.mel.n_mels": "64"}, "config.model.mel.n_mels", "expected int"),
+]
+
+
+@pytest.mark.parametrize("overrides,field,phrase", BAD_SIZES,
+                         ids=[str(b[0])[:60] for b in BAD_SIZES])
+def test_config_sizes_are_refused_before_allocation(overrides, field, phrase):
+  with pytest.raises(validation.ConfigError) as e:
+    validation.validate_config(_bad_config(overrides), num_devices=DEVICES, num_processes=1)
+  lines = [p for p in e.value.problems if p.startswith(f"{field}:")]
+  assert lines and any(phrase in p for p in lines), e.value.problems
+
+
+def test_config_sizes_state_the_estimate():
+  with pytest.raises(validation.ConfigError, match=r"about 931 GiB of float32 parameters "
+                     r"\(2\.5e\+11\) exceed the 64 GiB cap"):
+    validation.validate_config(_bad_config({"model.text.vocab_size": 10**12 // 1536}),
+                               training=False)
+
+
+@pytest.mark.parametrize("field,value,phrase", [
+    ("num_hidden_layers", 1_000_000, "num_hidden_layers: must be <= 1000"),
+    ("num_hidden_layers", 100_000_000 // 1000, "num_hidden_layers: must be <= 1000"),
+    ("hidden_size", 1.2e9, "hidden_size: expected int"),
+    ("vocab_size", 10**12, "vocab_size=1000000000000"),
+    ("num_hidden_layers", -3, "num_hidden_layers: must be >= 1"),
+    ("hidden_size", "384", "hidden_size: expected int"),
+])
+def test_imported_config_json_sizes_are_refused(tmp_path, field, value, phrase):
+  """`config.json` of an HF folder: refused before the weights or the model are allocated."""
+  from hade_jax import bert, fields
+  from hade_jax.convert import bert as convert_bert
+  from hade_jax.convert import common
+
+  hf = {"model_type": "bert", "vocab_size": 99, "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 37, "max_position_embeddings": 64,
+        field: value}
+  with pytest.raises(fields.ConfigError, match=re.escape(phrase)):
+    bert.BertConfig.from_hf(hf)
+  folder = tmp_path / "hf"
+  folder.mkdir()
+  (folder / "config.json").write_text(json.dumps(hf))
+  from safetensors import numpy as safetensors_numpy
+  safetensors_numpy.save_file({"embeddings.word_embeddings.weight": np.zeros((99, 32),
+                                                                             np.float32)},
+                              str(folder / "model.safetensors"))
+  with pytest.raises(common.ConversionError, match=re.escape(phrase)) as e:
+    convert_bert.load_text_tower(folder)
+  assert "config.json" in str(e.value)
+
+
+@pytest.mark.parametrize("cls_name,hf,phrase", [
+    ("HtsatConfig", {"patch_embeds_hidden_size": 10**6, "num_attention_heads": [1, 1, 1, 1]},
+     "patch_embeds_hidden_size=1000000"),
+    ("HtsatConfig", {"depths": [2, -2, 6, 2]}, "depths: expected positive integers"),
+    ("HtsatConfig", {"spec_size": "256"}, "spec_size: expected int"),
+    ("LogMelConfig", {"feature_size": 10**9, "fft_window_size": 10**6},
+     "float32 parameters"),
+    ("LogMelConfig", {"hop_length": 0}, "hop_length: must be >= 1"),
+    ("LogMelConfig", {"feature_size": "64"}, "n_mels: expected int"),
+])
+def test_imported_audio_config_sizes_are_refused(cls_name, hf, phrase):
+  from hade_jax import fields, frontend, htsat
+
+  cls = {"HtsatConfig": htsat.HtsatConfig, "LogMelConfig": frontend.LogMelConfig}[cls_name]
+  with pytest.raises(fields.ConfigError, match=re.escape(phrase)):
+    cls.from_hf(hf)
+
+
+def test_config_json_that_is_not_an_object_names_the_file(tmp_path):
+  from hade_jax.convert import common
+
+  (tmp_path / "config.json").write_text("[1, 2]")
+  with pytest.raises(common.ConversionError, match="config.json holds a JSON list"):
+    common.load_hf_folder(tmp_path)
+  (tmp_path / "config.json").write_text("{")
+  with pytest.raises(common.ConversionError, match="config.json is not valid JSON"):
+    common.load_hf_folder(tmp_path)
+
+
+def test_saved_config_with_retired_mel_keys_still_loads():
+  """Workdirs saved before #12 hold model.mel.max_length_s / padding: accepted, dropped."""
+  saved = _saved(load(ROOT / "configs/demo.py"), total_steps_resolved=100)
+  saved.model.mel.max_length_s = 10.0
+  saved.model.mel.padding = "repeatpad"
+  for training in (True, False):
+    sections = validation.validate_config(saved, num_devices=8, num_processes=1,
+                                          training=training)
+    assert sections.model.mel.sample_rate == 16_000
+  from hade_jax import hade
+  assert hade.HadeConfig.from_config(saved.model.to_dict()).mel == sections.model.mel

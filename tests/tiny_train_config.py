@@ -20,7 +20,7 @@ def tiny_config(data_dir: pathlib.Path | str = "", minilm_dir: pathlib.Path | st
   c.data.spec_time_width = 8
   c.data.spec_freq_width = 2
   mel = frontend.LogMelConfig(sample_rate=16_000, n_fft=256, hop_length=160, n_mels=32,
-                              f_min=50.0, f_max=8000.0, max_length_s=1.27)
+                              f_min=50.0, f_max=8000.0)
   audio = htsat.HtsatConfig.tiny(spec_size=64, num_mel_bins=32, patch_embeds_hidden_size=8,
                                  depths=(1, 1, 1, 1), num_attention_heads=(1, 2, 2, 2),
                                  window_size=2, hidden_dropout_prob=0.1)

@@ -70,8 +70,23 @@ def load_hf_folder(folder: str | pathlib.Path) -> tuple[dict, dict[str, np.ndarr
   config_path = folder / "config.json"
   if not config_path.is_file():
     raise FileNotFoundError(f"{folder} has no config.json (expected an HF checkpoint folder)")
-  config = json.loads(config_path.read_text(encoding="utf-8"))
-  return config, load_state_dict(folder)
+  return read_config_json(config_path), load_state_dict(folder)
+
+
+def read_config_json(path: pathlib.Path) -> dict:
+  """An HF `config.json` as a dict, or a ConversionError naming the file.
+
+  Its values are checked (types, ranges, parameter bytes) by the config dataclasses that
+  `from_hf` builds, before any weight is allocated.
+  """
+  try:
+    config = json.loads(path.read_text(encoding="utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConversionError(f"{path} is not valid JSON: {e}") from None
+  if not isinstance(config, dict):
+    raise ConversionError(f"{path} holds a JSON {type(config).__name__}, not an object of "
+                          "config fields")
+  return config
 
 
 def load_state_dict(folder: str | pathlib.Path) -> dict[str, np.ndarray]:
