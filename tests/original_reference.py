@@ -7,6 +7,8 @@ the model code needs, so both packages are registered as bare namespace packages
 """
 
 import contextlib
+import functools
+import importlib.machinery
 import importlib.util
 import pathlib
 import sys
@@ -37,6 +39,7 @@ def _stubs_while_importing():
       sys.modules.pop(name, None)
 
 
+@functools.cache
 def laion_clap_modules():
   """(laion_clap.clap_module.htsat, laion_clap.clap_module.model)."""
   spec = importlib.util.find_spec("laion_clap")
@@ -48,6 +51,9 @@ def laion_clap_modules():
     if name not in sys.modules:
       package = types.ModuleType(name)
       package.__path__ = [str(path)]
+      # A spec, so that importlib.util.find_spec keeps working on the package.
+      package.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+      package.__spec__.submodule_search_locations = [str(path)]
       sys.modules[name] = package
   with _stubs_while_importing():
     from laion_clap.clap_module import htsat, model

@@ -61,6 +61,7 @@ def config_from_state_dict(tensors: Mapping[str, np.ndarray], *,
                                  "a BERT/RoBERTa text branch")
   embed_dim = int(tensors["text_projection.2.weight"].shape[0])
   mel = mel if mel is not None else frontend.LogMelConfig.laion_clap()
+  original.check_front_end(tensors, AUDIO_PREFIX, audio, mel, "state dict")
   return original.hade_config(audio, text, embed_dim, mel, **heads_overrides)
 
 
@@ -73,10 +74,7 @@ def import_laion_clap(model: hade.HadeModel, source: torch_ckpt.Source, *,
     An ImportReport over the original key names.
   """
   tensors, name = torch_ckpt.tensors_of(source)
-  if model.cfg.mel.n_mels != model.cfg.audio.num_mel_bins:
-    raise common.ConversionError(f"{name}: the front end has {model.cfg.mel.n_mels} mel bins, "
-                                 f"the audio tower {model.cfg.audio.num_mel_bins}")
-  original.check_filterbank(tensors, AUDIO_PREFIX, model.cfg.mel, name)
+  original.check_front_end(tensors, AUDIO_PREFIX, model.cfg.audio, model.cfg.mel, name)
   reports = [
       original.import_htsat_original(model.audio_encoder, tensors, prefix=AUDIO_PREFIX,
                                      strict=strict, source=name),

@@ -181,6 +181,15 @@ def check_filterbank(tensors: Mapping[str, np.ndarray], prefix: str,
   return False
 
 
+def check_front_end(tensors: Mapping[str, np.ndarray], prefix: str, audio: htsat.HtsatConfig,
+                    mel: frontend.LogMelConfig, source: str) -> None:
+  """Raises unless `mel` feeds `audio` and matches the filterbank stored in the file."""
+  if mel.n_mels != audio.num_mel_bins:
+    raise common.ConversionError(f"{source}: the front end has {mel.n_mels} mel bins, the audio "
+                                 f"tower {audio.num_mel_bins}; pass the matching LogMelConfig")
+  check_filterbank(tensors, prefix, mel, source)
+
+
 def translate(report: common.ImportReport, origin: Mapping[str, str]) -> common.ImportReport:
   """An ImportReport over HF keys -> the same report over the original keys (qkv once)."""
   def names(keys):
@@ -230,10 +239,7 @@ def load_htsat_audioset(path: str | pathlib.Path, *, mel: frontend.LogMelConfig 
   prefix = HTSAT_AUDIOSET_PREFIX if lightning else ""
   cfg = htsat_config_from_state_dict(tensors, prefix, **config_overrides)
   mel = mel if mel is not None else frontend.LogMelConfig.wavcaps()
-  if mel.n_mels != cfg.num_mel_bins:
-    raise common.ConversionError(f"{path}: the model has {cfg.num_mel_bins} mel bins, the front "
-                                 f"end {mel.n_mels}")
-  check_filterbank(tensors, prefix, mel, str(path))
+  check_front_end(tensors, prefix, cfg, mel, str(path))
   model = htsat.HtsatModel(cfg, rngs=nnx.Rngs(seed))
   report = import_htsat_original(model, tensors, prefix=prefix, source=str(path))
   report.unused += sorted(k for k in tensors if not k.startswith(prefix))

@@ -57,6 +57,7 @@ def config_from_checkpoint(ckpt: torch_ckpt.Checkpoint, *, mel: frontend.LogMelC
                                  "checkpoint")
   embed_dim = int(tensors["text_proj.2.weight"].shape[0])
   mel = mel if mel is not None else mel_from_config(ckpt.meta.get("config"))
+  original.check_front_end(tensors, AUDIO_PREFIX, audio, mel, str(ckpt.path))
   heads_overrides = {"text_pool": "cls"} | heads_overrides
   return original.hade_config(audio, text, embed_dim, mel, **heads_overrides)
 
@@ -73,7 +74,7 @@ def import_wavcaps(model: hade.HadeModel, source: torch_ckpt.Source, *,
     raise common.ConversionError(f"{name}: WavCaps embeds captions by their [CLS] state; build "
                                  f"the model with heads.text_pool='cls', not "
                                  f"{model.cfg.heads.text_pool!r}")
-  original.check_filterbank(tensors, AUDIO_PREFIX, model.cfg.mel, name)
+  original.check_front_end(tensors, AUDIO_PREFIX, model.cfg.audio, model.cfg.mel, name)
   reports = [
       original.import_htsat_original(model.audio_encoder, tensors, prefix=AUDIO_PREFIX,
                                      strict=strict, source=name),
