@@ -7,6 +7,7 @@ the same module names as Chen et al.'s), small and random, saved in the Lightnin
 
 import argparse
 import dataclasses
+import re
 import types
 
 import jax
@@ -16,7 +17,7 @@ import torch
 from flax import nnx
 from safetensors.torch import save_file
 
-from hade_jax import frontend
+from hade_jax import frontend, htsat
 from hade_jax.convert import common, original, torch_ckpt
 from tests import original_reference
 
@@ -124,5 +125,17 @@ def test_safetensors_and_refusals(reference, ckpt_path, tmp_path):
   # The front end must be the one the file was trained with (its stored filterbank).
   with pytest.raises(common.ConversionError, match="mel filterbank"):
     original.load_htsat_audioset(ckpt_path, mel=dataclasses.replace(MEL, sample_rate=32000))
+  # Import errors name the keys as the file does.
+  cfg = original.htsat_config_from_state_dict(tensors, "sed_model.")
+  gone = "sed_model.layers.1.blocks.0.attn.qkv.weight"
+  with pytest.raises(common.ConversionError, match=re.escape(gone)):
+    original.import_htsat_original(htsat.HtsatModel(cfg, rngs=nnx.Rngs(0)),
+                                   {k: v for k, v in tensors.items() if k != gone},
+                                   prefix="sed_model.")
+  bad = "sed_model.layers.0.blocks.1.mlp.fc2.weight"
+  with pytest.raises(common.ConversionError, match=re.escape(bad) + r" \(16, 63\)"):
+    original.import_htsat_original(htsat.HtsatModel(cfg, rngs=nnx.Rngs(0)),
+                                   dict(tensors, **{bad: np.zeros((16, 63), np.float32)}),
+                                   prefix="sed_model.")
   with pytest.raises(common.ConversionError, match="no original HTS-AT tower"):
     original.htsat_config_from_state_dict({"x.weight": np.zeros(2)}, "sed_model.")

@@ -75,6 +75,19 @@ def _rename(key: str) -> list[tuple[str, slice | None]]:
   return [(key, None)]
 
 
+def original_name(hf_key: str, prefix: str) -> str:
+  """The inverse of `_rename`: an HF key under `audio_encoder.` -> the original key name."""
+  if not hf_key.startswith(_HF_PREFIX):
+    return hf_key
+  local = hf_key[len(_HF_PREFIX):]
+  if local.startswith("batch_norm."):
+    return prefix + "bn0." + local[len("batch_norm."):]
+  local = re.sub(r"attention\.self\.(query|key|value)\.", "attn.qkv.", local)
+  for old, new in _BLOCK_RENAMES:  # 'attention.output.dense.' before its suffix 'output.dense.'
+    local = local.replace(new, old)
+  return prefix + local
+
+
 def tower_keys(tensors: Mapping[str, np.ndarray], prefix: str) -> list[str]:
   """The keys under `prefix`; raises when there are none or the tower uses fusion."""
   keys = [k for k in tensors if k.startswith(prefix)]
@@ -190,13 +203,16 @@ def check_front_end(tensors: Mapping[str, np.ndarray], prefix: str, audio: htsat
   check_filterbank(tensors, prefix, mel, source)
 
 
-def translate(report: common.ImportReport, origin: Mapping[str, str]) -> common.ImportReport:
+def _original_names(text: str, prefix: str) -> str:
+  return re.sub(re.escape(_HF_PREFIX) + r"[\w.]*\w", lambda m: original_name(m[0], prefix), text)
+
+
+def translate(report: common.ImportReport, prefix: str) -> common.ImportReport:
   """An ImportReport over HF keys -> the same report over the original keys (qkv once)."""
   def names(keys):
-    return list(dict.fromkeys(origin.get(k, k) for k in keys))
+    return list(dict.fromkeys(original_name(k, prefix) for k in keys))
 
-  missing = [re.sub(r"\(expected (\S+)\)", lambda m: f"(expected {origin.get(m[1], m[1])})", s)
-             for s in report.missing]
+  missing = [_original_names(s, prefix) for s in report.missing]
   return common.ImportReport(source=report.source, loaded=names(report.loaded),
                              missing=missing, unused=names(report.unused),
                              expected_unused=names(report.expected_unused))
@@ -209,9 +225,13 @@ def import_htsat_original(model: htsat.HtsatModel, tensors: Mapping[str, np.ndar
 
   Keys outside `prefix` are not reported; the report names the original keys.
   """
-  renamed, origin, unused = htsat_to_hf(tensors, prefix)
-  report = translate(convert_htsat.import_htsat(model, renamed, prefix=_HF_PREFIX, strict=strict,
-                                                source=source), origin)
+  renamed, _, unused = htsat_to_hf(tensors, prefix)
+  try:
+    report = convert_htsat.import_htsat(model, renamed, prefix=_HF_PREFIX, strict=strict,
+                                        source=source)
+  except common.ConversionError as e:  # name the keys as the file does
+    raise common.ConversionError(_original_names(str(e), prefix)) from None
+  report = translate(report, prefix)
   report.expected_unused = sorted(set(report.expected_unused) | set(unused))
   return report
 
