@@ -36,7 +36,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from hade_jax import preflight
 from hade_jax import (
     checkpoints,
     data,
@@ -45,6 +44,7 @@ from hade_jax import (
     losses,
     metrics,
     optim,
+    preflight,
     retrieval,
     sharding,
     validation,
