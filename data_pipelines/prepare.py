@@ -8,56 +8,67 @@ r"""Prepares Clotho, AudioCaps or synthcaps as a TFDS array_record dataset (no T
 An interrupted run picks up where it stopped (finished shards are kept); a finished dataset
 is reused. The closing summary lists clips, captions, hours of audio and every skipped input
 with its reason; the same facts are saved as prepare_report.json next to the records.
+Several hosts (the multi-process flags of every command, hade_jax/cli.py): process 0 prepares
+into the shared --data_dir, the others do nothing.
+Errors end in one message and a non-zero exit; --verbose (or HADE_VERBOSE=1) adds the
+traceback and TFDS's log.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import shutil
-import sys
+from collections.abc import Sequence
 
-from absl import app, flags, logging
+from absl import flags
 
 from data_pipelines import builders, readers
+from hade_jax import cli, distributed
 
-_DATASET = flags.DEFINE_enum("dataset", None, ["clotho", "audiocaps", "synthcaps"],
-                             "Which dataset to prepare.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir the records are written to.")
-_MANUAL_DIR = flags.DEFINE_string(
-    "manual_dir", None, "The folder holding your download (clotho, audiocaps); for synthcaps "
-    "where the generated WAV/CSV files go (default <data_dir>/downloads/manual/synthcaps/).")
-_CONFIG = flags.DEFINE_string(
-    "config", None, "Builder config: a rate (16k, 22k, 32k, 44k, 48k; AudioCaps 2.0 "
-    "captions: 32k_v2, ...), for synthcaps a size and rate (tiny_16k, demo_32k, full_48k). "
-    "Default: 32k / demo_32k.")
-_SAMPLE_RATE = flags.DEFINE_integer(
-    "sample_rate", None, "Instead of --config: the rate in Hz (must be one of the configs' "
-    "rates; for synthcaps it picks the rate of --synth_size).")
-_SPLITS = flags.DEFINE_list("splits", None, "Splits to prepare (default: every split whose "
-                            "caption CSV is present): train, validation, test.")
-_STRICT = flags.DEFINE_bool("strict", False, "Fail on the first bad input instead of skipping "
-                            "and reporting it.")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
-                                    "Processes decoding audio.")
-_CLIPS_PER_SHARD = flags.DEFINE_integer(
-    "clips_per_shard", None, "CSV clips per shard (the unit of resumption); keep it when "
-    "resuming.")
-_ENCODING = flags.DEFINE_string("encoding", "auto", "Caption CSV encoding; 'auto' = UTF-8 with "
-                                "an ISO-8859-1 fallback per line (reported).")
-_AUDIO_DIRS = flags.DEFINE_list("audio_dirs", None, "split=folder pairs for audio folders "
-                                "outside the supported layouts, e.g. test=/data/ac/test_wav.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete a prepared (or partly prepared) "
-                               "copy of this config first.")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
-_SYNTH_SIZE = flags.DEFINE_enum("synth_size", None, ["tiny", "demo", "full"],
-                                "synthcaps: a named size (instead of --config).")
-_SYNTH_CLIPS = flags.DEFINE_list("synth_clips", None, "synthcaps: custom clips per split, "
-                                 "e.g. train=2000,validation=200,test=200.")
-_SYNTH_SECONDS = flags.DEFINE_float("synth_clip_seconds", None, "synthcaps: clip length.")
-_SYNTH_SEED = flags.DEFINE_integer("synth_seed", 0, "synthcaps: the seed.")
-_SYNTH_FAMILY = flags.DEFINE_integer("synth_family_size", 3, "synthcaps: clips per family "
-                                     "(a base scene and siblings differing in one detail).")
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_enum("dataset", None, ["clotho", "audiocaps", "synthcaps"],
+                    "Which dataset to prepare.", flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "TFDS data dir the records are written to.",
+                      flag_values=fv)
+  flags.DEFINE_string(
+      "manual_dir", None, "The folder holding your download (clotho, audiocaps); for synthcaps "
+      "where the generated WAV/CSV files go (default <data_dir>/downloads/manual/synthcaps/).",
+      flag_values=fv)
+  flags.DEFINE_string(
+      "config", None, "Builder config: a rate (16k, 22k, 32k, 44k, 48k; AudioCaps 2.0 "
+      "captions: 32k_v2, ...), for synthcaps a size and rate (tiny_16k, demo_32k, full_48k). "
+      "Default: 32k / demo_32k.", flag_values=fv)
+  flags.DEFINE_integer(
+      "sample_rate", None, "Instead of --config: the rate in Hz (must be one of the configs' "
+      "rates; for synthcaps it picks the rate of --synth_size).", flag_values=fv)
+  flags.DEFINE_list("splits", None, "Splits to prepare (default: every split whose caption "
+                    "CSV is present): train, validation, test.", flag_values=fv)
+  flags.DEFINE_bool("strict", False, "Fail on the first bad input instead of skipping and "
+                    "reporting it.", flag_values=fv)
+  flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "Processes decoding audio.",
+                       flag_values=fv)
+  flags.DEFINE_integer(
+      "clips_per_shard", None, "CSV clips per shard (the unit of resumption); keep it when "
+      "resuming.", flag_values=fv)
+  flags.DEFINE_string("encoding", "auto", "Caption CSV encoding; 'auto' = UTF-8 with an "
+                      "ISO-8859-1 fallback per line (reported).", flag_values=fv)
+  flags.DEFINE_list("audio_dirs", None, "split=folder pairs for audio folders outside the "
+                    "supported layouts, e.g. test=/data/ac/test_wav.", flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "Delete a prepared (or partly prepared) copy of this "
+                    "config first.", flag_values=fv)
+  flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
+  flags.DEFINE_enum("synth_size", None, ["tiny", "demo", "full"],
+                    "synthcaps: a named size (instead of --config).", flag_values=fv)
+  flags.DEFINE_list("synth_clips", None, "synthcaps: custom clips per split, e.g. "
+                    "train=2000,validation=200,test=200.", flag_values=fv)
+  flags.DEFINE_float("synth_clip_seconds", None, "synthcaps: clip length.", flag_values=fv)
+  flags.DEFINE_integer("synth_seed", 0, "synthcaps: the seed.", flag_values=fv)
+  flags.DEFINE_integer("synth_family_size", 3, "synthcaps: clips per family (a base scene "
+                       "and siblings differing in one detail).", flag_values=fv)
+  cli.define_distributed_flags(fv)
 
 
 def _pairs(items: list[str] | None, flag: str, value=str) -> dict:
@@ -65,42 +76,41 @@ def _pairs(items: list[str] | None, flag: str, value=str) -> dict:
   for item in items or []:
     key, sep, v = item.partition("=")
     if not sep:
-      raise app.UsageError(f"--{flag} expects key=value pairs, got {item!r}")
+      raise cli.UsageError(f"--{flag} expects key=value pairs, got {item!r}")
     out[key.strip()] = value(v.strip())
   return out
 
 
-def _config():
+def _config(fv: flags.FlagValues):
   """The builder config from --config / --sample_rate / --synth_* flags."""
   rate_names = {v: k for k, v in builders.RATES.items()}
-  if _SAMPLE_RATE.value is not None and _SAMPLE_RATE.value not in rate_names:
-    raise app.UsageError(f"--sample_rate={_SAMPLE_RATE.value} is not one of "
-                         f"{sorted(rate_names)}")
-  if _DATASET.value != "synthcaps":
-    if _CONFIG.value and _SAMPLE_RATE.value:
-      raise app.UsageError("give --config or --sample_rate, not both")
-    if _SAMPLE_RATE.value:
-      return rate_names[_SAMPLE_RATE.value]
-    return _CONFIG.value
-  custom = _SYNTH_CLIPS.value or _SYNTH_SECONDS.value or _SYNTH_SEED.value or (
-      _SYNTH_FAMILY.value != 3)
-  if _CONFIG.value and not (custom or _SYNTH_SIZE.value or _SAMPLE_RATE.value):
-    return _CONFIG.value
-  rate = _SAMPLE_RATE.value or 32_000
-  if _CONFIG.value:
-    size, _, rate_name = _CONFIG.value.partition("_")
+  if fv.sample_rate is not None and fv.sample_rate not in rate_names:
+    raise cli.UsageError(f"--sample_rate={fv.sample_rate} is not one of {sorted(rate_names)}")
+  if fv.dataset != "synthcaps":
+    if fv.config and fv.sample_rate:
+      raise cli.UsageError("give --config or --sample_rate, not both")
+    if fv.sample_rate:
+      return rate_names[fv.sample_rate]
+    return fv.config
+  custom = fv.synth_clips or fv.synth_clip_seconds or fv.synth_seed or (
+      fv.synth_family_size != 3)
+  if fv.config and not (custom or fv.synth_size or fv.sample_rate):
+    return fv.config
+  rate = fv.sample_rate or 32_000
+  if fv.config:
+    size, _, rate_name = fv.config.partition("_")
     rate = builders.RATES.get(rate_name, rate)
   else:
-    size = _SYNTH_SIZE.value or "demo"
-  clips = _pairs(_SYNTH_CLIPS.value, "synth_clips", int) or None
+    size = fv.synth_size or "demo"
+  clips = _pairs(fv.synth_clips, "synth_clips", int) or None
   if clips:
     return builders.synth_config(None, rate, clips=clips,
-                                 clip_seconds=_SYNTH_SECONDS.value or 10.0,
-                                 seed=_SYNTH_SEED.value, family_size=_SYNTH_FAMILY.value)
+                                 clip_seconds=fv.synth_clip_seconds or 10.0,
+                                 seed=fv.synth_seed, family_size=fv.synth_family_size)
   if size not in ("tiny", "demo", "full"):
-    raise app.UsageError(f"unknown synthcaps size {size!r}: tiny, demo or full")
-  return builders.synth_config(size, rate, clip_seconds=_SYNTH_SECONDS.value,
-                               seed=_SYNTH_SEED.value, family_size=_SYNTH_FAMILY.value)
+    raise cli.UsageError(f"unknown synthcaps size {size!r}: tiny, demo or full")
+  return builders.synth_config(size, rate, clip_seconds=fv.synth_clip_seconds,
+                               seed=fv.synth_seed, family_size=fv.synth_family_size)
 
 
 def format_summary(summary: dict, data_path: str) -> str:
@@ -139,37 +149,40 @@ def format_summary(summary: dict, data_path: str) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # TFDS's INFO lines would bury the summary
-  if not _DATASET.value or not _DATA_DIR.value:
-    raise app.UsageError("--dataset and --data_dir are required")
-  if _DATASET.value != "synthcaps" and not _MANUAL_DIR.value:
-    instructions = builders.builder(_DATASET.value, data_dir=_DATA_DIR.value
+def main(argv: Sequence[str] | None = None) -> int:
+  """Prepares as the command line says (argv without the program name)."""
+  fv, rest = cli.parse(define_flags, argv, doc=__doc__, prog="python -m data_pipelines.prepare")
+  if rest:
+    raise cli.UsageError(f"unexpected arguments: {rest}")
+  # TFDS's INFO lines would bury the summary (--verbose shows them).
+  cli.setup_logging(logging.INFO if fv.verbose or cli.is_verbose(()) else logging.WARNING)
+  if not fv.dataset or not fv.data_dir:
+    raise cli.UsageError("--dataset and --data_dir are required")
+  if fv.dataset != "synthcaps" and not fv.manual_dir:
+    instructions = builders.builder(fv.dataset, data_dir=fv.data_dir
                                     ).MANUAL_DOWNLOAD_INSTRUCTIONS
-    raise app.UsageError(f"--manual_dir is required for {_DATASET.value}:\n{instructions}")
-  data_dir = os.path.expanduser(_DATA_DIR.value)
-  manual_dir = os.path.expanduser(_MANUAL_DIR.value) if _MANUAL_DIR.value else None
-  kwargs = dict(strict=_STRICT.value, num_workers=_NUM_WORKERS.value,
-                clips_per_shard=_CLIPS_PER_SHARD.value, encoding=_ENCODING.value,
-                audio_dirs=_pairs(_AUDIO_DIRS.value, "audio_dirs"), splits=_SPLITS.value,
-                progress=_PROGRESS.value)
-  if _DATASET.value == "synthcaps":
+    raise cli.UsageError(f"--manual_dir is required for {fv.dataset}:\n{instructions}")
+  plan = distributed.plan(fv.coordinator_address, fv.num_processes, fv.process_id)
+  if plan.mode == "explicit" and plan.process_id != 0:
+    # One writer: the data_dir is the folder every host shares (see hade_jax/distributed.py).
+    print(f"process {plan.process_id} of {plan.num_processes}: process 0 prepares the data")
+    return 0
+  data_dir = os.path.expanduser(fv.data_dir)
+  manual_dir = os.path.expanduser(fv.manual_dir) if fv.manual_dir else None
+  kwargs = dict(strict=fv.strict, num_workers=fv.num_workers,
+                clips_per_shard=fv.clips_per_shard, encoding=fv.encoding,
+                audio_dirs=_pairs(fv.audio_dirs, "audio_dirs"), splits=fv.splits,
+                progress=fv.progress)
+  if fv.dataset == "synthcaps":
     kwargs["synth_dir"] = manual_dir
     manual_dir = None
-  try:
-    config = _config()
-    b = builders.builder(_DATASET.value, config, data_dir=data_dir, **kwargs)
-    if _OVERWRITE.value:
-      for path in (pathlib.Path(b.data_path), b.work_dir):
-        shutil.rmtree(path, ignore_errors=True)
-    b = builders.prepare(_DATASET.value, b.builder_config, data_dir=data_dir,
-                         manual_dir=manual_dir, **kwargs)
-  except (readers.DataError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  config = _config(fv)
+  b = builders.builder(fv.dataset, config, data_dir=data_dir, **kwargs)
+  if fv.overwrite:
+    for path in (pathlib.Path(b.data_path), b.work_dir):
+      shutil.rmtree(path, ignore_errors=True)
+  b = builders.prepare(fv.dataset, b.builder_config, data_dir=data_dir,
+                       manual_dir=manual_dir, **kwargs)
   if b.summary is None:
     print(f"{b.name}/{b.builder_config.name} is prepared in {b.data_path} (no report found)")
   else:
@@ -178,7 +191,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.main_entry(main)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Where the coordinator address, the process count and this process's id come from, first that
 applies (each of the three is looked up on its own):
-  1. flags        --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+  1. flags        --coordinator_address=HOST:PORT --num_processes=N --process_id=I (of every
+                  command: hade_jax/cli.py), or the arguments of `initialize`
   2. environment  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
   3. Slurm        inside an `srun` step: SLURM_NTASKS, SLURM_PROCID, and the first host of
                   SLURM_STEP_NODELIST (port JAX_COORDINATOR_PORT, else one derived from
@@ -17,27 +18,13 @@ On CPU (tests, `--num_processes=2` on one machine) the cross-process collectives
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
 import re
 from collections.abc import Mapping
 
-import jax
-from absl import flags
-
 log = logging.getLogger(__name__)
-
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0's coordinator, the same for every "
-    "process (default: $JAX_COORDINATOR_ADDRESS, Slurm, or Cloud TPU detection).")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Processes in the run, one per host (default: $JAX_NUM_PROCESSES, "
-    "$SLURM_NTASKS, or Cloud TPU detection).", lower_bound=1)
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "This process's index in [0, num_processes) (default: $JAX_PROCESS_ID, "
-    "$SLURM_PROCID, or Cloud TPU detection).", lower_bound=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,20 +142,18 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                process_id: int | None = None) -> Plan:
   """Joins the multi-process run (or stays single); call before anything touches a device.
 
-  Arguments left None come from the absl flags above (when parsed), then the environment.
+  Arguments left None (the commands pass their flags) come from the environment.
   A process joins once: later calls (several entry points in one program) return the plan
   that was carried out.
 
   Returns:
     The plan that was carried out.
   """
+  import jax  # here, not at the top: data_pipelines.prepare plans without JAX
+
   global _JOINED
   if _JOINED is not None:
     return _JOINED
-  if flags.FLAGS.is_parsed():
-    coordinator_address = coordinator_address or _COORDINATOR.value
-    num_processes = num_processes if num_processes is not None else _NUM_PROCESSES.value
-    process_id = process_id if process_id is not None else _PROCESS_ID.value
   p = plan(coordinator_address, num_processes, process_id, on_cloud_tpu=on_cloud_tpu_vm())
   _JOINED = p
   if p.mode == "single":
@@ -191,31 +176,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   return p
 
 
-def add_argparse_flags(parser: argparse.ArgumentParser) -> None:
-  """The three settings as argparse options, for the entry points that use argparse
-  (`hade_jax.eval`, `hade_jax.search`); pass the parsed values to `initialize`."""
-  group = parser.add_argument_group("multi-process (see hade_jax/distributed.py)")
-  group.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
-                     help=flags.FLAGS[_COORDINATOR.name].help)
-  group.add_argument("--num_processes", type=int, default=None, metavar="N",
-                     help=flags.FLAGS[_NUM_PROCESSES.name].help)
-  group.add_argument("--process_id", type=int, default=None, metavar="I",
-                     help=flags.FLAGS[_PROCESS_ID.name].help)
-
-
-def initialize_from_args(args: argparse.Namespace) -> Plan:
-  """`initialize` from options added by `add_argparse_flags`; then only process 0 logs INFO."""
-  p = initialize(args.coordinator_address, args.num_processes, args.process_id)
-  quiet_other_processes()
-  return p
-
-
 def is_main_process() -> bool:
   """True on the process that writes results and prints them (process 0)."""
+  import jax
+
   return jax.process_index() == 0
 
 
 def quiet_other_processes() -> None:
   """Process 0 tells the story; the others speak up only for warnings and errors."""
+  import jax
+
   if jax.process_index() != 0:
     logging.getLogger().setLevel(logging.WARNING)

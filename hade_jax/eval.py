@@ -34,17 +34,13 @@ Legend: A: clips, T: captions, S: samples, M: words, D: joint width.
 
 from __future__ import annotations
 
-import argparse
-import ast
 import concurrent.futures
 import csv
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
 import pathlib
-import sys
 import time
 from collections.abc import Sequence
 
@@ -52,10 +48,11 @@ import jax
 import ml_collections
 import numpy as np
 import soundfile
+from absl import flags
 from jax.sharding import Mesh
 
 from data_pipelines import policy, readers
-from hade_jax import api, data, distributed, hade, metrics, paths, retrieval, tokenizer
+from hade_jax import api, cli, data, distributed, hade, metrics, paths, retrieval, tokenizer
 from hade_jax import heads as hade_heads
 
 log = logging.getLogger("hade_jax.eval")
@@ -348,101 +345,49 @@ def summary(result: dict[str, float], shortlists: Sequence[int] = ()) -> str:
 # Command line.
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """`path/to/config.py[:arg]` -> its `get_config(arg)`, as `--config` of hade_jax.train."""
-  path, _, arg = spec.partition(":")
-  file = pathlib.Path(path).expanduser()
-  if not file.is_file():
-    raise FileNotFoundError(f"no config file at {file} (from --config={spec})")
-  module_spec = importlib.util.spec_from_file_location(f"_hade_config_{file.stem}", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
-  """`key.sub=value` strings (values as Python literals, else strings) set on `config`."""
-  for item in overrides:
-    key, sep, text = item.partition("=")
-    if not sep:
-      raise ValueError(f"--set {item!r}: expected key=value")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    target = config
-    *path, leaf = key.strip().split(".")
-    for part in path:
-      target = target[part]
-    if leaf not in target:
-      raise KeyError(f"--set {item!r}: the config has no field {key!r}")
-    target[leaf] = value
-
-
-def model_config_for(args: argparse.Namespace) -> ml_collections.ConfigDict | None:
-  """The config of --config / --set, or the checkpoint's own with --set applied (None: the
-  checkpoint's own, unchanged)."""
-  if args.config:
-    config = load_config_file(args.config)
-  elif args.set:
-    config = api.saved_config(api.checkpoint_step_dir(args.checkpoint, args.which))
-  else:
-    return None
-  apply_overrides(config, args.set)
-  return config
-
-
-def add_model_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
-  parser.add_argument("--checkpoint", "--workdir", dest="checkpoint", required=required,
-                      help="training workdir (its best step), checkpoints folder or step folder")
-  parser.add_argument("--which", default="best", choices=("best", "last"),
-                      help="for a workdir: the best validation step or the last step")
-  parser.add_argument("--config", default="",
-                      help="config file[:arg] (default: the config saved with the checkpoint)")
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="config override, e.g. --set eval_tile=128 (repeatable)")
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m hade_jax.eval", description=__doc__.split(
-      "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_model_flags(parser)
-  parser.add_argument("--split", default="",
-                      help="split of the config's prepared dataset (default data.test_split)")
-  parser.add_argument("--csv", default="", help="captions CSV of a plain audio folder")
-  parser.add_argument("--audio_dir", default="", help="audio folder of --csv (default: its "
-                      "folder)")
-  parser.add_argument("--out", default="", help="results folder (default: "
-                      "<workdir>/eval/<data>_step<N>)")
-  parser.add_argument("--true_recall", action="store_true", help="also DCASE 2023 A2T recall")
-  parser.add_argument("--no_intervals", action="store_true", help="skip jackknife intervals")
-  parser.add_argument("--shortlists", default="", help="two-stage shortlist sizes, e.g. 10,50")
-  parser.add_argument("--max_clips", type=int, default=0, help="first N clips only")
-  parser.add_argument("--save_scores", action="store_true", help="also write scores.npy")
-  distributed.add_argparse_flags(parser)
-  return parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  cli.define_model_flags(fv, required=True)
+  flags.DEFINE_string("split", "", "Split of the config's prepared dataset (default "
+                      "data.test_split).", flag_values=fv)
+  flags.DEFINE_string("csv", "", "Captions CSV of a plain audio folder.", flag_values=fv)
+  flags.DEFINE_string("audio_dir", "", "Audio folder of --csv (default: its folder).",
+                      flag_values=fv)
+  flags.DEFINE_string("out", "", "Results folder (default: <workdir>/eval/<data>_step<N>).",
+                      flag_values=fv)
+  flags.DEFINE_bool("true_recall", False, "Also DCASE 2023 A2T recall.", flag_values=fv)
+  flags.DEFINE_bool("no_intervals", False, "Skip jackknife intervals.", flag_values=fv)
+  flags.DEFINE_list("shortlists", [], "Two-stage shortlist sizes, e.g. 10,50.", flag_values=fv)
+  flags.DEFINE_integer("max_clips", 0, "First N clips only.", lower_bound=0, flag_values=fv)
+  flags.DEFINE_bool("save_scores", False, "Also write scores.npy.", flag_values=fv)
+  cli.define_distributed_flags(fv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-  args = parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      force=True)  # a library may have configured the root logger on import
-  if args.split and args.csv:
-    raise SystemExit("give --split or --csv, not both")
+  """Evaluates as the command line says (argv without the program name); returns the metrics."""
+  fv, rest = cli.parse(define_flags, argv, doc=__doc__, prog="python -m hade_jax.eval")
+  if rest:
+    raise cli.UsageError(f"unexpected arguments: {rest}")
+  if fv.split and fv.csv:
+    raise cli.UsageError("give --split or --csv, not both")
+  try:
+    shortlists = [int(s) for s in fv.shortlists]
+  except ValueError:
+    raise cli.UsageError(f"--shortlists={','.join(fv.shortlists)}: expected whole numbers, "
+                         "e.g. 10,50") from None
+  cli.setup_logging()
   # Every process runs this same command; they share the device work, process 0 writes.
-  distributed.initialize_from_args(args)
-  config = model_config_for(args)
-  shortlists = [int(s) for s in args.shortlists.split(",") if s.strip()]
-  step_dir = api.checkpoint_step_dir(args.checkpoint, args.which)
-  out = args.out
+  cli.start_distributed(fv)
+  config = cli.model_config(fv)
+  step_dir = api.checkpoint_step_dir(fv.checkpoint, fv.which)
+  out = fv.out
   if not out:
-    name = pathlib.Path(args.csv).stem if args.csv else (args.split or "test")
+    name = pathlib.Path(fv.csv).stem if fv.csv else (fv.split or "test")
     out = step_dir.parent.parent / "eval" / f"{name}_step{step_dir.name}"
-  result = evaluate(config, checkpoint=step_dir, split=args.split or None,
-                    csv_path=args.csv or None, audio_dir=args.audio_dir or None, out_dir=out,
-                    true_recall=args.true_recall, intervals=not args.no_intervals,
-                    shortlists=shortlists, max_clips=args.max_clips,
-                    save_scores=args.save_scores)
+  result = evaluate(config, checkpoint=step_dir, split=fv.split or None,
+                    csv_path=fv.csv or None, audio_dir=fv.audio_dir or None, out_dir=out,
+                    true_recall=fv.true_recall, intervals=not fv.no_intervals,
+                    shortlists=shortlists, max_clips=fv.max_clips,
+                    save_scores=fv.save_scores)
   if distributed.is_main_process():
     print(summary(result, shortlists))
     print(f"results: {out}")
@@ -450,4 +395,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli.main_entry(main)

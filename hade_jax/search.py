@@ -42,7 +42,6 @@ Legend: N: corpus clips, Q: queries, K: results, D: joint width.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import hashlib
 import json
@@ -58,10 +57,10 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 import tqdm
+from absl import flags
 
 from data_pipelines import audio_io
-from hade_jax import api, distributed, metrics, paths, retrieval
-from hade_jax import eval as hade_eval
+from hade_jax import api, cli, distributed, metrics, paths, retrieval
 from hade_jax import heads as hade_heads
 
 log = logging.getLogger("hade_jax.search")
@@ -696,70 +695,100 @@ def format_hits(queries: Sequence[str], hits: list[list[api.Hit]], info: dict) -
 # Command line.
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m hade_jax.search",
-                                   description=__doc__.split("\n")[0])
-  sub = parser.add_subparsers(dest="command", required=True)
-  build = sub.add_parser("index", help="embed a folder of audio files (resumable)")
-  hade_eval.add_model_flags(build, required=False)
-  build.add_argument("--audio_dir", required=True, help="folder of audio files (recursive)")
-  build.add_argument("--out", required=True, help="index folder (an existing one is resumed)")
-  build.add_argument("--batch_size", type=int, default=0, help="default: config.eval_batch_size")
-  build.add_argument("--shard_size", type=int, default=1024, help="clips per shard")
-  build.add_argument("--no_progress", action="store_true")
-  distributed.add_argparse_flags(build)
-  ask = sub.add_parser("query", help="search an index with text")
-  ask.add_argument("--index", required=True)
-  ask.add_argument("--k", type=int, default=10, help="results per query")
-  ask.add_argument("--shortlist", type=int, default=1000,
-                   help="clips re-ranked with the full score (0 = exhaustive)")
-  ask.add_argument("--compare", action="store_true",
-                   help="also run the exhaustive search and report the recall kept")
-  ask.add_argument("--repeat", type=int, default=0,
-                   help="run N more times and report the median (warm) latency")
-  distributed.add_argparse_flags(ask)
-  ask.add_argument("queries", nargs="+", help="text queries")
-  check = sub.add_parser("verify", help="hash every file of an index against its manifest")
-  check.add_argument("--index", required=True)
-  return parser.parse_args(argv)
+SUBCOMMAND_FLAGS = {  # besides --verbose and the multi-process flags, which both take
+    "index": {"checkpoint", "workdir", "which", "config", "set", "audio_dir", "out",
+              "batch_size", "shard_size", "no_progress"},
+    "query": {"index", "k", "shortlist", "compare", "repeat"},
+    "verify": {"index"},
+}
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  cli.define_model_flags(fv, required=False)
+  flags.DEFINE_string("audio_dir", None, "index: folder of audio files (recursive).",
+                      flag_values=fv)
+  flags.DEFINE_string("out", None, "index: index folder (an existing one is resumed).",
+                      flag_values=fv)
+  flags.DEFINE_integer("batch_size", 0, "index: clips per encoder call (default "
+                       "config.eval_batch_size).", lower_bound=0, flag_values=fv)
+  flags.DEFINE_integer("shard_size", 1024, "index: clips per shard.", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_bool("no_progress", False, "index: no progress bar.", flag_values=fv)
+  flags.DEFINE_string("index", None, "query: the index folder.", flag_values=fv)
+  flags.DEFINE_integer("k", 10, "query: results per query.", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("shortlist", 1000, "query: clips re-ranked with the full score "
+                       "(0 = exhaustive).", lower_bound=0, flag_values=fv)
+  flags.DEFINE_bool("compare", False, "query: also run the exhaustive search and report the "
+                    "recall kept.", flag_values=fv)
+  flags.DEFINE_integer("repeat", 0, "query: run N more times and report the median (warm) "
+                       "latency.", lower_bound=0, flag_values=fv)
+  cli.define_distributed_flags(fv)
+
+
+def parse_command(argv: Sequence[str] | None) -> tuple[str, flags.FlagValues, list[str]]:
+  """(subcommand, flags, queries) of `index ...` / `query ... QUERY...`."""
+  fv, rest = cli.parse(define_flags, argv, doc=__doc__, prog="python -m hade_jax.search")
+  if not rest or rest[0] not in SUBCOMMAND_FLAGS:
+    raise cli.UsageError(f"the first argument must be a subcommand, index, query or verify; got "
+                         f"{rest[0] if rest else 'none'} (see --help)")
+  command, positional = rest[0], rest[1:]
+  args = sys.argv[1:] if argv is None else argv
+  given = {a[2:].partition("=")[0].partition(".")[0] for a in args if a.startswith("--")}
+  other = set().union(*SUBCOMMAND_FLAGS.values()) - SUBCOMMAND_FLAGS[command]
+  wrong = [f"--{name}" for name in sorted(other & given)]
+  if wrong:
+    raise cli.UsageError(f"{command} does not take {', '.join(wrong)}")
+  if command == "index":
+    missing = [f"--{name}" for name in ("audio_dir", "out") if not fv[name].value]
+    if positional:
+      raise cli.UsageError(f"index: unexpected arguments {positional}")
+  else:
+    missing = ["--index"] if not fv.index else []
+    if command == "query" and not positional:
+      missing.append("at least one text query")
+    if command == "verify" and positional:
+      raise cli.UsageError(f"verify: unexpected arguments {positional}")
+  if missing:
+    raise cli.UsageError(f"{command} needs {' and '.join(missing)}")
+  return command, fv, positional
 
 
 def main(argv: Sequence[str] | None = None):
-  args = parse_args(argv)
-  if args.command == "verify":
-    problems = verify_index(args.index)
-    print("\n".join(problems) if problems else f"index {args.index}: every file verified")
+  """Runs `index` or `query` as the command line says (argv without the program name)."""
+  command, fv, queries = parse_command(argv)
+  if command == "verify":
+    problems = verify_index(fv.index)
+    print("\n".join(problems) if problems else f"index {fv.index}: every file verified")
     if problems:
       raise SystemExit(1)
     return problems
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      force=True)  # a library may have configured the root logger on import
-  distributed.initialize_from_args(args)
-  if args.command == "index":
-    out = pathlib.Path(args.out).expanduser()
-    checkpoint, config = args.checkpoint, None
+  cli.setup_logging()
+  cli.start_distributed(fv)
+  if command == "index":
+    out = pathlib.Path(fv.out).expanduser()
+    checkpoint, config = fv.checkpoint, None
     if (out / MANIFEST).is_file() and not checkpoint:
       model = Index(out).manifest["model"]
       checkpoint, config = model["checkpoint"], ml_collections.ConfigDict(model["config"])
     if not checkpoint:
-      raise SystemExit("a new index needs --checkpoint (or --workdir)")
-    args.checkpoint = checkpoint
-    config = hade_eval.model_config_for(args) or config
-    hade = api.Hade.load(checkpoint, config, which=args.which)
-    index = build_index(hade, args.audio_dir, out, batch_size=args.batch_size or None,
-                        shard_size=args.shard_size, progress=not args.no_progress)
+      raise cli.UsageError("a new index needs --checkpoint (or --workdir)")
+    fv.checkpoint = checkpoint
+    config = cli.model_config(fv) or config
+    hade = api.Hade.load(checkpoint, config, which=fv.which)
+    index = build_index(hade, fv.audio_dir, out, batch_size=fv.batch_size or None,
+                        shard_size=fv.shard_size, progress=not fv.no_progress)
     if distributed.is_main_process():
       print(f"index {index.path}: {len(index)} clips, {len(index.skipped)} skipped "
             "({added} added, {changed} changed, {removed} removed)".format(**index.changes))
     return index
-  index = Index(args.index)
+  index = Index(fv.index)
   hade = load_for_index(index)
-  hits, info = query(hade, index, args.queries, k=args.k, shortlist=args.shortlist,
-                     compare=args.compare, repeat=args.repeat)
+  hits, info = query(hade, index, queries, k=fv.k, shortlist=fv.shortlist,
+                     compare=fv.compare, repeat=fv.repeat)
   if distributed.is_main_process():
-    print(format_hits(args.queries, hits, info))
+    print(format_hits(queries, hits, info))
   return hits
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli.main_entry(main)

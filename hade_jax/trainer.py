@@ -44,6 +44,7 @@ from hade_jax import (
     losses,
     metrics,
     optim,
+    preflight,
     retrieval,
     sharding,
     validation,
@@ -181,6 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """Trains per `config` in `workdir`, resuming whatever is there; returns the final metrics."""
   # Every bad field at once, before anything is built or written (hade_jax/validation.py).
   validation.validate_config(config)
+  preflight.check(config, workdir)  # every missing input (data, tokenizer, towers) at once
   workdir = pathlib.Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0

@@ -2,7 +2,7 @@
 # Train hade_jax on a Cloud TPU VM slice: one process per worker, the same command on every
 # worker, one log per worker. JAX finds the slice's workers itself (hade_jax/distributed.py).
 #
-#   launch/gcp_tpu.sh [--dry-run] SUBCOMMAND [ARGS...]
+#   launch/gcp_tpu.sh SUBCOMMAND [ARGS...] [--dry-run] [--help]
 #
 #   create          create the slice                     TPU_NAME ZONE ACCELERATOR_TYPE
 #   copy            copy this checkout to every worker   TPU_NAME ZONE
@@ -10,12 +10,14 @@
 #   run [FLAGS...]  start training on every worker       TPU_NAME ZONE CONFIG WORKDIR
 #                   (FLAGS go to hade_jax.train, e.g. --config.batch_size=1024)
 #   logs [LINES]    the last LINES (100) of each worker's log (or WORKER's)   TPU_NAME ZONE
-#   stop            stop the training on every worker    TPU_NAME ZONE
+#   stop            stop the training on every worker:   TPU_NAME ZONE
+#                   SIGTERM, then up to STOP_GRACE_SECONDS (120) for the trainer to write
+#                   a checkpoint and exit, then SIGKILL. Stop before delete.
 #   delete          delete the slice (gcloud asks first) TPU_NAME ZONE
 #
 # Optional: PROJECT (gcloud's default otherwise), RUNTIME_VERSION (tpu-ubuntu2204-base),
 # REMOTE_DIR (hade_jax, in the worker's home), PYTHON (python3 on the workers).
-# --dry-run prints every command instead of running it.
+# --dry-run (anywhere on the line) prints every command instead of running it.
 #
 # WORKDIR (checkpoints) and config.data.data_dir must be the same shared folder on every
 # worker (a Filestore/NFS share, or a gcsfuse mount that may rename folders): every process
@@ -54,12 +56,22 @@ tpu_ssh() {
 }
 
 main() {
-  if [[ "${1:-}" == "--dry-run" ]]; then
-    DRY_RUN=1
-    shift
-  fi
+  # --dry-run and --help are the launcher's wherever they stand (before or after the
+  # subcommand, among the training flags); everything else keeps its order.
+  local arg args=()
+  for arg in "$@"; do
+    case "${arg}" in
+      --dry-run) DRY_RUN=1 ;;
+      -h | --help)
+        usage
+        exit 0
+        ;;
+      *) args+=("${arg}") ;;
+    esac
+  done
+  set -- "${args[@]+"${args[@]}"}"
   local subcommand=${1:-}
-  if [[ -z "${subcommand}" || "${subcommand}" == "-h" || "${subcommand}" == "--help" ]]; then
+  if [[ -z "${subcommand}" ]]; then
     usage
     exit 2
   fi
@@ -131,7 +143,14 @@ main() {
       ;;
     stop)
       # The whole process group (setsid made the trainer its leader): Grain workers too.
-      tpu_ssh "cd ${remote_dir} && if [ -f ${pid} ]; then kill -- -\$(cat ${pid}) || true; rm -f ${pid}; fi"
+      # SIGTERM first: the trainer checkpoints and exits; SIGKILL only after the grace period.
+      local grace=${STOP_GRACE_SECONDS:-120}
+      if ! [[ "${grace}" =~ ^[0-9]+$ ]]; then
+        echo "stop: STOP_GRACE_SECONDS must be a number, got '${grace}'" >&2
+        exit 2
+      fi
+      local group="-\$(cat ${pid})"
+      tpu_ssh "cd ${remote_dir} && if [ -f ${pid} ]; then kill -- -\$(cat ${pid}) || true; for i in \$(seq ${grace}); do kill -0 -- ${group} 2> /dev/null || break; sleep 1; done; kill -KILL -- ${group} 2> /dev/null || true; rm -f ${pid}; fi"
       ;;
     delete)
       run_cmd gcloud compute tpus tpu-vm delete "${TPU_NAME}" --zone="${ZONE}" "${project_flag[@]}"

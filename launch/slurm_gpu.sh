@@ -3,7 +3,7 @@
 # command on every node, one log per node. Each process finds its place from Slurm's variables
 # (hade_jax/distributed.py): SLURM_PROCID, SLURM_NTASKS, the first node as coordinator.
 #
-#   launch/slurm_gpu.sh [--dry-run] SUBCOMMAND [ARGS...]
+#   launch/slurm_gpu.sh SUBCOMMAND [ARGS...] [--dry-run] [--help]
 #
 #   setup             a virtualenv (VENV) with the project and CUDA JAX    (login node)
 #   submit [FLAGS...] sbatch a job that runs `run FLAGS...`   NODES GPUS_PER_NODE CONFIG WORKDIR
@@ -16,10 +16,16 @@
 # Optional: JOB_NAME (hade_jax), PARTITION, ACCOUNT, TIME (e.g. 24:00:00), CPUS_PER_NODE,
 # VENV (<repo>/.venv), PYTHON ($VENV/bin/python), LOG_DIR (<repo>/logs),
 # JAX_CUDA (cuda12: the jax[...] extra setup installs).
-# --dry-run prints every command instead of running it.
+# --dry-run (anywhere on the line) prints every command instead of running it.
+#
+# Preemption and time limits: the job asks Slurm for SIGTERM 120 s before its time limit
+# (--signal below); `stop` (scancel) and preemption send SIGTERM too, then SIGKILL after the
+# cluster's KillWait / GraceTime. On SIGTERM the trainer finishes its step, writes a checkpoint
+# and exits; `submit` again resumes it.
 #
 # WORKDIR (checkpoints) and config.data.data_dir must be on a filesystem every node sees:
 # every process writes its part of each checkpoint there. See docs/scaling.md.
+#SBATCH --signal=TERM@120
 set -euo pipefail
 
 # Under sbatch this file runs from Slurm's spool folder: submit passes the checkout along.
@@ -27,7 +33,7 @@ REPO="${HADE_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 DRY_RUN=0
 
 usage() {
-  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e '/^#SBATCH/d' -e 's/^# \{0,1\}//'
 }
 
 # Runs a command, or prints it on one line, quoted for the shell, with --dry-run.
@@ -55,12 +61,22 @@ need_job_id() {
 }
 
 main() {
-  if [[ "${1:-}" == "--dry-run" ]]; then
-    DRY_RUN=1
-    shift
-  fi
+  # --dry-run and --help are the launcher's wherever they stand (before or after the
+  # subcommand, among the training flags); everything else keeps its order.
+  local arg args=()
+  for arg in "$@"; do
+    case "${arg}" in
+      --dry-run) DRY_RUN=1 ;;
+      -h | --help)
+        usage
+        exit 0
+        ;;
+      *) args+=("${arg}") ;;
+    esac
+  done
+  set -- "${args[@]+"${args[@]}"}"
   subcommand=${1:-}
-  if [[ -z "${subcommand}" || "${subcommand}" == "-h" || "${subcommand}" == "--help" ]]; then
+  if [[ -z "${subcommand}" ]]; then
     usage
     exit 2
   fi

@@ -9,6 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -181,11 +182,86 @@ def test_tpu_dry_run_prints_every_command_and_runs_none(fakes):
 
 
 def test_tpu_usage_and_unknown_subcommands(fakes):
-  for args in ((), ("--help",), ("launch",)):
+  for args in ((), ("launch",)):
     result = fakes.run(TPU, *args, **TPU_VARS)
     assert result.returncode == 2
     assert "SUBCOMMAND" in result.stdout + result.stderr
   assert "unknown subcommand 'launch'" in result.stderr
+  assert fakes.calls() == []
+
+
+@pytest.mark.parametrize("script", [TPU, SLURM], ids=["gcp_tpu", "slurm_gpu"])
+@pytest.mark.parametrize("args", [("--help",), ("-h",), ("run", "--help"),
+                                  ("--dry-run", "run", "--config.seed=1", "--help")])
+def test_launcher_help_exits_0_wherever_it_stands(fakes, script, args):
+  result = fakes.run(script, *args)
+  assert result.returncode == 0, result.stderr
+  assert "SUBCOMMAND" in result.stdout and "--dry-run" in result.stdout
+  assert "docs/scaling.md" in result.stdout and "SBATCH" not in result.stdout
+  assert fakes.calls() == []
+
+
+def test_tpu_dry_run_after_the_subcommand_runs_nothing(fakes):
+  flags = ["--config.batch_size=1024", "--config.init.resume=/mnt/old run"]
+  before = fakes.run(TPU, "--dry-run", "run", *flags, **TPU_VARS)
+  for args in (("run", *flags, "--dry-run"), ("run", flags[0], "--dry-run", flags[1])):
+    after = fakes.run(TPU, *args, **TPU_VARS)
+    assert after.returncode == 0, after.stderr
+    assert fakes.calls() == [], args  # gcloud never ran
+    # The same printed command, without --dry-run among the training flags.
+    assert after.stdout == before.stdout and "--dry-run" not in after.stdout
+
+
+def _start_fake_trainer(home: pathlib.Path, on_term: str) -> subprocess.Popen:
+  """A process-group leader with logs/train-<host>.pid, as `run` leaves it; `on_term`: what its
+  SIGTERM handler does (bash)."""
+  logs = home / "hade_jax" / "logs"
+  logs.mkdir(parents=True)
+  host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+  script = f"trap '{on_term}' TERM; touch started; while true; do sleep 0.1; done"
+  trainer = subprocess.Popen(["setsid", "bash", "-c", script], cwd=logs)
+  # Reaped as soon as it exits (on a worker, init does it): a zombie would still count as alive.
+  threading.Thread(target=trainer.wait, daemon=True).start()
+  (logs / f"train-{host}.pid").write_text(f"{trainer.pid}\n")
+  for _ in range(100):
+    if (logs / "started").exists():
+      break
+    time.sleep(0.05)
+  return trainer
+
+
+@pytest.mark.parametrize("grace, on_term, expect", [
+    # The trainer checkpoints for 1 s, then exits: stop waits for it.
+    ("120", "sleep 1; touch checkpointed; exit 0", "checkpointed"),
+    # A trainer that ignores SIGTERM is killed once the grace period is over.
+    ("1", "touch ignored", "ignored")])
+def test_tpu_stop_sends_sigterm_and_waits_the_grace_period(fakes, tmp_path, grace, on_term,
+                                                           expect):
+  assert fakes.run(TPU, "stop", STOP_GRACE_SECONDS=grace, **TPU_VARS).returncode == 0
+  command = ssh_command(fakes.calls()[0])
+  home = tmp_path / "worker"
+  trainer = _start_fake_trainer(home, on_term)
+  try:
+    t0 = time.monotonic()
+    worker = subprocess.run(["bash", "-c", command], cwd=home, capture_output=True, text=True,
+                            timeout=60)
+    took = time.monotonic() - t0
+    assert worker.returncode == 0, worker.stderr
+    assert trainer.wait(timeout=10) is not None
+  finally:
+    if trainer.poll() is None:
+      trainer.kill()
+  logs = home / "hade_jax" / "logs"
+  assert (logs / expect).exists()
+  assert took >= 1.0 and took < 30
+  assert not list(logs.glob("*.pid"))
+  if expect == "ignored":
+    assert trainer.returncode == -9  # SIGKILL after the grace period
+
+
+def test_tpu_stop_rejects_a_bad_grace_period(fakes):
+  result = fakes.run(TPU, "stop", STOP_GRACE_SECONDS="two minutes", **TPU_VARS)
+  assert result.returncode == 2 and "STOP_GRACE_SECONDS must be a number" in result.stderr
   assert fakes.calls() == []
 
 
@@ -274,9 +350,21 @@ def test_slurm_dry_run_prints_every_command_and_runs_none(fakes, tmp_path):
     assert not (tmp_path / "venv").exists()
   printed = shlex.split(dry.stdout)
   assert printed == ["scancel", "9"]
+  # --dry-run after the subcommand (among the training flags) is the launcher's too.
+  after = fakes.run(SLURM, "submit", "--config.seed=3", "--dry-run", **variables)
+  assert after.returncode == 0 and fakes.calls() == [] and not log_dir.exists()
+  before = fakes.run(SLURM, "--dry-run", "submit", "--config.seed=3", **variables)
+  assert after.stdout == before.stdout and "--dry-run" not in after.stdout
   setup = fakes.run(SLURM, "--dry-run", "setup", **variables).stdout.splitlines()
   assert shlex.split(setup[0]) == ["python3", "-m", "venv", str(tmp_path / "venv")]
   assert shlex.split(setup[-1])[-2:] == [str(ROOT), "jax[cuda12]"]
+
+
+def test_slurm_job_asks_for_sigterm_before_its_time_limit():
+  # sbatch reads #SBATCH lines only before the first command of the script.
+  lines = SLURM.read_text().splitlines()
+  header = lines[:next(i for i, line in enumerate(lines) if line and not line.startswith("#"))]
+  assert "#SBATCH --signal=TERM@120" in header
 
 
 # -- both ---------------------------------------------------------------------------------------
