@@ -236,48 +236,34 @@ class JaxSystem:
   def setup(self, embed: bool = True, train: bool = True, parts: tuple[str, ...] = ()) -> dict:
     """Builds the model from the saved ClapModel; compiles the step, embeddings, parts."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
-    from hade_jax import hade, losses, optim, trainer
+    from hade_jax import hade, optim, train_state, trainer
     from hade_jax.convert import clap as convert_clap
     from hade_jax.convert import common
 
     t0 = time.perf_counter()
     spec, config = self.spec, jax_config(self.spec, self.heads)
     self.config = config
-    model = hade.HadeModel(trainer.model_config(config), rngs=nnx.Rngs(config.seed))
+    model = hade.HadeModel(hade.model_config(config), rngs=nnx.Rngs(config.seed))
     _, state_dict = common.load_hf_folder(self.clap_dir)
     report = convert_clap.import_clap(model, state_dict)
     if report.missing:
       raise RuntimeError(f"ClapModel import left parameters missing: {report.missing[:5]}")
-    self.model = model
-    graphdef, params, rest = trainer.split_model(model)
-    self.graphdef = graphdef
-    tx = optim.make(
-        params, groups=config.optim.groups, lr=config.optim.lr.to_dict(),
-        weight_decay=config.optim.weight_decay.to_dict(), frozen=tuple(config.optim.frozen),
-        total_steps=TOTAL_STEPS, warmup_steps=WARMUP_STEPS, clip_norm=config.optim.clip_norm,
-        b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
-        end_factor=config.optim.end_factor, accum_steps=config.optim.accum_steps)
-    self.tx = tx
+    self.graphdef, params, _ = hade.split_model(model)
+    self.tx = optim.make(params, config.optim, total_steps=TOTAL_STEPS,
+                         warmup_steps=WARMUP_STEPS)
     # One copy of the weights: the embeddings run first, on the imported weights, before any
     # training step; the profile parts run last, on the trained ones (their cost is the same).
-    self.state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
-                  "opt_state": tx.init(params)}
-    del model, state_dict, params, rest
+    self.state = train_state.TrainState.create(model, self.tx)
+    del model, state_dict, params
     self.batch = jax.device_put(inputs(spec))
-    base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-    loss_cfg = losses.LossConfig(**config.loss.to_dict())
-    # As train_and_evaluate builds it (the non-finite policy where this trainer has one).
-    extra = ({"skip_nonfinite": bool(config.skip_nonfinite_steps)}
-             if "skip_nonfinite_steps" in config else {})
-    step = jax.jit(trainer.make_train_step(graphdef, tx, loss_cfg,
-                                           bool(config.data.spec_augment), base_rng, **extra),
+    # The step train_and_evaluate runs, built by the same function.
+    step = jax.jit(trainer.train_step_of_config(config, self.graphdef, self.tx),
                    donate_argnums=(0,))
     t1 = time.perf_counter()
     out = {"build_s": t1 - t0, "jax_version": jax.__version__, "devices": str(jax.devices()),
-           "params": int(sum(x.size for x in jax.tree.leaves(self.state["params"]))),
+           "params": int(sum(x.size for x in jax.tree.leaves(self.state.params))),
            "device_kind": jax.devices()[0].device_kind}
     if train:
       self.train_step = step.lower(self.state, self.batch).compile()
@@ -295,7 +281,7 @@ class JaxSystem:
     return out
 
   def _weights(self):
-    return self.state["params"], self.state["rest"]
+    return self.state.params, self.state.rest
 
   def _compile_embed(self):
     import jax
@@ -436,10 +422,10 @@ class JaxSystem:
         updates, opt_state = self.tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-      params = self.state["params"]
+      params = self.state.params
       shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
       compiled = jax.jit(update, donate_argnums=(0, 1)).lower(
-          params, self.state["opt_state"], shapes).compile()
+          params, self.state.opt_state, shapes).compile()
       return compiled, None
     raise ValueError(f"unknown part {part!r}")
 
@@ -459,11 +445,11 @@ class JaxSystem:
     if part != "optimizer":
       args = make_args()
       return lambda: jax.block_until_ready(compiled(*args))
-    grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), self.state["params"])
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), self.state.params)
 
     def run():
-      params, opt_state = compiled(self.state["params"], self.state["opt_state"], grads)
-      self.state = dict(self.state, params=params, opt_state=opt_state)
+      params, opt_state = compiled(self.state.params, self.state.opt_state, grads)
+      self.state = self.state.replace(params=params, opt_state=opt_state)
       jax.block_until_ready(self.state)
 
     return run

@@ -60,9 +60,9 @@ def _demo_model():
   from flax import nnx
 
   from configs import demo
-  from hade_jax import hade, trainer
+  from hade_jax import hade
 
-  return hade.HadeModel(trainer.model_config(demo.get_config()), rngs=nnx.Rngs(0))
+  return hade.HadeModel(hade.model_config(demo.get_config()), rngs=nnx.Rngs(0))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

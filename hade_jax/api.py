@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from data_pipelines import audio_io, policy
-from hade_jax import hade, metrics, retrieval, tokenizer, trainer, validation
+from hade_jax import hade, metrics, retrieval, tokenizer, validation
 from hade_jax import heads as hade_heads
 
 MemoryIndex = retrieval.MemoryIndex
@@ -108,9 +108,9 @@ def load_model(path: str | os.PathLike, config: ml_collections.ConfigDict | None
   step_dir = checkpoint_step_dir(path, which)
   config = config if config is not None else saved_config(step_dir)
   validation.validate_config(config, training=False)  # a clear error before building anything
-  cfg = trainer.model_config(config)
+  cfg = hade.model_config(config)
   abstract = nnx.eval_shape(lambda: hade.HadeModel(cfg, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = trainer.split_model(abstract)
+  graphdef, params, rest = hade.split_model(abstract)
   mesh = mesh if mesh is not None else retrieval.device_mesh()
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),

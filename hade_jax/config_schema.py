@@ -221,7 +221,7 @@ class TrainConfig:
   max_consecutive_skips: int = 10  # ...and stop after N skipped steps in a row (0 = never).
   checkpoint_every_steps: int = 1000
   keep_checkpoints: int = 3  # the last N steps; the best step is kept apart in workdir/best.
-  best_metric: str = "val/t2a/R@1+R@5+R@10"  # model selection (docs/method.md section 7; "" = none).
+  best_metric: str = "val/t2a/R@1+R@5+R@10"  # model selection, docs/method.md s7 ("": none)
   log_every_steps: int = 50  # console + metrics.jsonl + TensorBoard.
   eval_every_steps: int = 1000  # validation retrieval metrics (0 = only at the end).
   final_eval_split: str = "test"  # evaluated with the best checkpoint at the end ('' = none).

@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import pathlib
-import time
 from collections.abc import Sequence
 
 import jax
@@ -52,8 +51,17 @@ from absl import flags
 from jax.sharding import Mesh
 
 from data_pipelines import policy, readers
-from hade_jax import api, cli, data, distributed, hade, metrics, paths, retrieval, tokenizer
-from hade_jax import heads as hade_heads
+from hade_jax import (
+  api,
+  cli,
+  data,
+  distributed,
+  evaluator,
+  hade,
+  metrics,
+  paths,
+  tokenizer,
+)
 
 log = logging.getLogger("hade_jax.eval")
 
@@ -181,53 +189,6 @@ def prepared_split(config: ml_collections.ConfigDict, cfg: hade.HadeConfig, spli
 # Evaluation.
 
 
-@dataclasses.dataclass
-class Scored:
-  """Everything an evaluation computed, for callers that want more than the metrics."""
-
-  scores_AxT: np.ndarray
-  global_AxT: np.ndarray  # cosine of the global embeddings (the two-stage shortlist's score)
-  split: data.EvalSplit
-  metrics: dict[str, float]
-
-
-def score_split(model: hade.HadeModel, split: data.EvalSplit, *, batch_size: int, tile: int,
-                mesh: Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """([A, T] full scores, [A, T] global cosines) of every clip and caption of a split."""
-  enc = retrieval.Encoder(model, mesh)
-  t0 = time.perf_counter()
-  audio = enc.audio_batches(split.audio_batches(), split.clip_ids)
-  t1 = time.perf_counter()
-  text = enc.text(split.input_ids, split.attention_mask, batch_size)
-  t2 = time.perf_counter()
-  # NaN embeddings would score NaN, and NaN ranks first: refuse them naming the inputs.
-  metrics.check_finite_embeddings(audio, split.clip_names, "audio")
-  metrics.check_finite_embeddings(text, split.texts, "text")
-  scores_AxT = enc.score(audio, text, tile=tile)
-  t3 = time.perf_counter()
-  log.info("encoded %d clips in %.1f s, %d captions in %.1f s; scored %d pairs in %.1f s "
-           "(tiles of %d, %d devices)", len(split.clip_ids), t1 - t0, len(split.caption_clip),
-           t2 - t1, scores_AxT.size, t3 - t2, tile, enc.num_devices)
-  global_AxT = (np.asarray(hade_heads.normalize(audio.global_AxD))
-                @ np.asarray(hade_heads.normalize(text.global_TxD)).T)
-  return scores_AxT, global_AxT
-
-
-def split_metrics(scores_AxT: np.ndarray, global_AxT: np.ndarray, caption_clip_T: np.ndarray,
-                  *, true_recall: bool = False, intervals: bool = True,
-                  shortlists: Sequence[int] = ()) -> dict[str, float]:
-  """The flat metrics dict: `metrics.retrieval_metrics` plus, per shortlist size S,
-  'two_stage@S/t2a/<metric>' and 'two_stage@S/t2a/<metric>/lost' (exhaustive minus two-stage)."""
-  out = metrics.retrieval_metrics(scores_AxT, caption_clip_T, true_recall=true_recall,
-                                  intervals=intervals)
-  for s in shortlists:
-    ranks_T = metrics.two_stage_t2a_ranks(scores_AxT, global_AxT, caption_clip_T, int(s))
-    for name, value in metrics.t2a_from_ranks(ranks_T).items():
-      out[f"two_stage@{s}/t2a/{name}"] = value
-      out[f"two_stage@{s}/t2a/{name}/lost"] = out[f"t2a/{name}"] - value
-  return out
-
-
 def evaluate(config: ml_collections.ConfigDict | None = None, *,
              checkpoint: str | os.PathLike | None = None, which: str = "best",
              split: str | None = None, csv_path: str | os.PathLike | None = None,
@@ -251,7 +212,7 @@ def evaluate(config: ml_collections.ConfigDict | None = None, *,
     out_dir: where `metrics.json`, `dcase_top10.csv` (and `scores.npy`) go; None = nowhere.
     true_recall: also the DCASE 2023 "true recall" A2T variant ('a2t/trueR@k').
     intervals: jackknife 95% half-widths ('<metric>/ci95').
-    shortlists: two-stage shortlist sizes to measure (see `split_metrics`).
+    shortlists: two-stage shortlist sizes to measure (see `evaluator.split_metrics`).
     max_clips: evaluate the first N clips only (0 = all).
     save_scores: also write the [A, T] score matrix.
     mesh: devices to shard over (default: all).
@@ -282,10 +243,10 @@ def evaluate(config: ml_collections.ConfigDict | None = None, *,
   if issues:
     log.warning("%s", readers.format_issues(issues, f"{len(issues)} clip(s) not evaluated:"))
 
-  scores_AxT, global_AxT = score_split(model, dataset, batch_size=int(config.eval_batch_size),
-                                       tile=int(config.eval_tile), mesh=mesh)
-  result = split_metrics(scores_AxT, global_AxT, dataset.caption_clip, true_recall=true_recall,
-                         intervals=intervals, shortlists=shortlists)
+  scored = evaluator.RetrievalEvaluator.from_config(
+      config, mesh=mesh, true_recall=true_recall, intervals=intervals,
+      shortlists=shortlists).evaluate(model, dataset)
+  result, scores_AxT = scored.metrics, scored.scores_AxT
   if out_dir is not None and jax.process_index() == 0:
     write_results(out_dir, result, dataset, scores_AxT, checkpoint=step_dir, described=described,
                   issues=issues, save_scores=save_scores)

@@ -108,3 +108,24 @@ class HadeModel(nnx.Module):
   def score(self, audio: hade_heads.AudioFeatures,
             text: hade_heads.TextFeatures) -> dict[str, jax.Array]:
     return self.heads.score(audio, text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Construction from a training config (shared by training, evaluation, search and the API).
+
+
+def model_config(config: Mapping[str, Any]) -> HadeConfig:
+  """The HadeConfig of a whole config: `config.model`, with `config.compute_dtype` (default
+  float32) applied to both towers."""
+  cfg = HadeConfig.from_config(config["model"].to_dict() if hasattr(config["model"], "to_dict")
+                               else config["model"])
+  dtype = config.get("compute_dtype", "float32")
+  if dtype != "float32":
+    cfg = dataclasses.replace(cfg, audio=dataclasses.replace(cfg.audio, dtype=dtype),
+                              text=dataclasses.replace(cfg.text, dtype=dtype))
+  return cfg
+
+
+def split_model(model: HadeModel) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graphdef, params, rest): params train, rest (batch-norm statistics) does not."""
+  return nnx.split(model, nnx.Param, ...)

@@ -8,13 +8,15 @@ optimiser state is empty, so freezing a tower also saves its Adam moments).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import optax
 
-from hade_jax import sharding
+from hade_jax import config_schema, sharding
 
 
 def schedule(peak: float, total_steps: int, warmup_steps: int, end_factor: float = 0.0
@@ -40,39 +42,57 @@ def group_labels(params, rules: Sequence[tuple[str, str]]):
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make(params, *, groups: Sequence[tuple[str, str]], lr: Mapping[str, float],
-         weight_decay: Mapping[str, float], frozen: Sequence[str], total_steps: int,
-         warmup_steps: int, clip_norm: float, b1: float = 0.9, b2: float = 0.999,
-         eps: float = 1e-8, end_factor: float = 0.0, accum_steps: int = 1
-         ) -> optax.GradientTransformation:
-  """The full optimiser for a parameter pytree (used only for its structure)."""
-  labels = group_labels(params, groups)
+def optim_config(section: config_schema.OptimConfig | Mapping[str, Any]
+                 ) -> config_schema.OptimConfig:
+  """`config.optim` (a ConfigDict, a mapping or the section itself) as its checked section."""
+  if isinstance(section, config_schema.OptimConfig):
+    return section
+  values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+  known = {f.name for f in dataclasses.fields(config_schema.OptimConfig)}
+  if unknown := sorted(values.keys() - known):
+    raise ValueError(f"config.optim has unknown fields {unknown} (known: {sorted(known)})")
+  for key in ("groups", "frozen"):  # JSON (a saved config) turns tuples into lists
+    if key in values:
+      values[key] = tuple(tuple(v) if isinstance(v, list) else v for v in values[key])
+  return config_schema.OptimConfig(**values)
+
+
+def make(params, config: config_schema.OptimConfig | Mapping[str, Any], *, total_steps: int,
+         warmup_steps: int) -> optax.GradientTransformation:
+  """The full optimiser of `config.optim` for a parameter pytree (used only for its structure).
+
+  `warmup_steps` is `config.warmup_epochs` in steps (the trainer knows the epoch length).
+  """
+  config = optim_config(config)
+  labels = group_labels(params, config.groups)
   names = sorted(set(jax.tree.leaves(labels)))
   transforms = {}
   for name in names:
-    if name in frozen:
+    if name in config.frozen:
       transforms[name] = optax.set_to_zero()
       continue
-    if name not in lr:
+    if name not in config.lr:
       raise ValueError(f"config.optim.lr has no learning rate for group {name!r} "
                        f"(groups: {names})")
     transforms[name] = optax.adamw(
-        schedule(lr[name], total_steps, warmup_steps, end_factor), b1=b1, b2=b2, eps=eps,
-        weight_decay=float(weight_decay.get(name, 0.0)))
+        schedule(config.lr[name], total_steps, warmup_steps, config.end_factor), b1=config.b1,
+        b2=config.b2, eps=config.eps, weight_decay=float(config.weight_decay.get(name, 0.0)))
   tx = optax.multi_transform(transforms, labels)
-  if clip_norm and clip_norm > 0:
+  if config.clip_norm and config.clip_norm > 0:
     # Frozen gradients are zeroed BEFORE the global-norm clip so a frozen tower does not
     # shrink the updates of the parameters that train.
     zero_frozen = optax.multi_transform(
-        {n: optax.set_to_zero() if n in frozen else optax.identity() for n in names}, labels)
-    tx = optax.chain(zero_frozen, optax.clip_by_global_norm(clip_norm), tx)
-  if accum_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=accum_steps)
+        {n: optax.set_to_zero() if n in config.frozen else optax.identity() for n in names},
+        labels)
+    tx = optax.chain(zero_frozen, optax.clip_by_global_norm(config.clip_norm), tx)
+  if config.accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=config.accum_steps)
   return tx
 
 
-def learning_rates(groups_lr: Mapping[str, float], total_steps: int, warmup_steps: int,
-                   step: int, end_factor: float = 0.0) -> dict[str, float]:
+def learning_rates(config: config_schema.OptimConfig | Mapping[str, Any], total_steps: int,
+                   warmup_steps: int, step: int) -> dict[str, float]:
   """Each group's learning rate at `step` (for logging)."""
-  return {f"lr/{g}": float(schedule(v, total_steps, warmup_steps, end_factor)(step))
-          for g, v in groups_lr.items()}
+  config = optim_config(config)
+  return {f"lr/{g}": float(schedule(v, total_steps, warmup_steps, config.end_factor)(step))
+          for g, v in config.lr.items()}

@@ -79,49 +79,13 @@ def num_rows(features) -> int:
   return jax.tree.leaves(features)[0].shape[0]
 
 
-_COMPILED: list[tuple[tuple, nnx.GraphDef, tuple]] = []  # most recent last
-
-
-def _compiled(graphdef: nnx.GraphDef, cfg: hade.HadeConfig, mesh: Mesh) -> tuple:
-  """The jitted (audio, text, score, rerank) functions of one model structure on one mesh.
-
-  Shared by every Encoder of the same structure (evaluation builds one per call), so that
-  their compiled executables are reused instead of compiled again.
-  """
-  for key, cached_graphdef, fns in _COMPILED:
-    if key == (cfg, mesh) and cached_graphdef == graphdef:
-      return fns
-  rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(ROWS))
-
-  def audio_fn(state, wave_AxS):
-    return nnx.merge(graphdef, state).encode_audio(wave_AxS)
-
-  def text_fn(state, ids_TxM, mask_TxM):
-    return nnx.merge(graphdef, state).encode_text(ids_TxM, mask_TxM)
-
-  def score_fn(state, a, t):
-    return nnx.merge(graphdef, state).score(a, t)["total"]
-
-  def rerank_fn(state, a_QxS, t_Qx1):
-    model = nnx.merge(graphdef, state)
-    return jax.vmap(lambda a, t: model.score(a, t)["total"][:, 0])(a_QxS, t_Qx1)
-
-  fns = (jax.jit(audio_fn, in_shardings=(rep, rows), out_shardings=rep),
-         jax.jit(text_fn, in_shardings=(rep, rows, rows), out_shardings=rep),
-         jax.jit(score_fn, in_shardings=(rep, rows, rep), out_shardings=rep),
-         # Shortlists: [Q, S] rows, S split over the mesh; each query's text is one row.
-         jax.jit(rerank_fn, in_shardings=(rep, NamedSharding(mesh, P(None, ROWS)), rep),
-                 out_shardings=rep))
-  _COMPILED.append(((cfg, mesh), graphdef, fns))
-  del _COMPILED[:-8]
-  return fns
-
-
 class Encoder:
   """Jitted per-modality encoders and tile scorer over a model, sharded over a 1-D mesh.
 
   Weights are replicated on the mesh; encoder batches and the audio rows of score tiles are
-  split over it (padded to a multiple of its size). Every function compiles once per shape.
+  split over it (padded to a multiple of its size). The encoder owns its jitted functions:
+  they take the weights as an argument, so `load` points it at other weights of the same
+  structure (a later training step) and nothing compiles again; each compiles once per shape.
   """
 
   def __init__(self, model: hade.HadeModel, mesh: Mesh | None = None):
@@ -130,8 +94,39 @@ class Encoder:
     self.replicated = NamedSharding(self.mesh, P())
     self.graphdef, state = nnx.split(model)
     self.state = jax.device_put(state, self.replicated)
-    self._audio, self._text, self._score, self._rerank = _compiled(
-        self.graphdef, model.cfg, self.mesh)
+    self._audio, self._text, self._score, self._rerank = self._compile()
+
+  def load(self, model: hade.HadeModel) -> None:
+    """Encodes and scores with `model`'s weights from now on (same structure, no recompile)."""
+    graphdef, state = nnx.split(model)
+    if graphdef != self.graphdef:
+      raise ValueError("Encoder.load: the model's structure differs from the one this encoder "
+                       "was built for; build a new retrieval.Encoder for it")
+    self.state = jax.device_put(state, self.replicated)
+
+  def _compile(self) -> tuple[Callable, Callable, Callable, Callable]:
+    """The jitted (audio, text, score, rerank) functions of (state, inputs)."""
+    graphdef, rep, rows = self.graphdef, self.replicated, self.rows
+
+    def audio_fn(state, wave_AxS):
+      return nnx.merge(graphdef, state).encode_audio(wave_AxS)
+
+    def text_fn(state, ids_TxM, mask_TxM):
+      return nnx.merge(graphdef, state).encode_text(ids_TxM, mask_TxM)
+
+    def score_fn(state, a, t):
+      return nnx.merge(graphdef, state).score(a, t)["total"]
+
+    def rerank_fn(state, a_QxS, t_Qx1):
+      model = nnx.merge(graphdef, state)
+      return jax.vmap(lambda a, t: model.score(a, t)["total"][:, 0])(a_QxS, t_Qx1)
+
+    return (jax.jit(audio_fn, in_shardings=(rep, rows), out_shardings=rep),
+            jax.jit(text_fn, in_shardings=(rep, rows, rows), out_shardings=rep),
+            jax.jit(score_fn, in_shardings=(rep, rows, rep), out_shardings=rep),
+            # Shortlists: [Q, S] rows, S split over the mesh; each query's text is one row.
+            jax.jit(rerank_fn, in_shardings=(rep, NamedSharding(self.mesh, P(None, ROWS)), rep),
+                    out_shardings=rep))
 
   @property
   def num_devices(self) -> int:

@@ -20,14 +20,12 @@ Legend: B: global batch, S: samples, M: words.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
 import math
 import pathlib
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,15 +36,17 @@ from flax import nnx
 
 from hade_jax import (
     checkpoints,
+    convert,
     data,
+    evaluator,
     hade,
     input_pipeline,
     losses,
     metrics,
     optim,
     preflight,
-    retrieval,
     sharding,
+    train_state,
     validation,
 )
 
@@ -55,43 +55,6 @@ log = logging.getLogger("hade_jax")
 
 class NonFiniteError(FloatingPointError):
   """A loss or gradient became NaN/Inf."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Model construction (shared with eval / search).
-
-
-def model_config(config: ml_collections.ConfigDict) -> hade.HadeConfig:
-  cfg = hade.HadeConfig.from_config(config.model.to_dict())
-  dtype = config.get("compute_dtype", "float32")
-  if dtype != "float32":
-    cfg = dataclasses.replace(cfg, audio=dataclasses.replace(cfg.audio, dtype=dtype),
-                              text=dataclasses.replace(cfg.text, dtype=dtype))
-  return cfg
-
-
-def split_model(model: hade.HadeModel):
-  """(graphdef, params, rest): params train, rest (batch-norm statistics) does not."""
-  return nnx.split(model, nnx.Param, ...)
-
-
-def import_pretrained(model: hade.HadeModel, init: ml_collections.ConfigDict) -> list[str]:
-  """Pretrained imports named in config.init, in place; returns the reports."""
-  from hade_jax.convert import bert as convert_bert
-  from hade_jax.convert import clap as convert_clap
-  from hade_jax.convert import common
-  from hade_jax.convert import htsat as convert_htsat
-
-  reports = []
-  if init.get("clap"):
-    reports.append(str(convert_clap.import_clap(model, init.clap)))
-  if init.get("audio_tower"):
-    _, state = common.load_hf_folder(init.audio_tower)
-    reports.append(str(convert_htsat.import_htsat(model.audio_encoder, state, prefix=None)))
-  if init.get("text_tower"):
-    _, state = common.load_hf_folder(init.text_tower)
-    reports.append(str(convert_bert.import_bert(model.text_encoder, state, prefix=None)))
-  return reports
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,8 +70,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses
   state and batch-norm statistics (only the step counter advances, with the data).
   """
 
-  def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
-    rng = jax.random.fold_in(base_rng, state["step"])
+  def train_step(state: train_state.TrainState, batch: dict[str, jax.Array]):
+    rng = jax.random.fold_in(base_rng, state.step)
 
     def loss_fn(params, rest):
       # Fresh Variables (copy=True) belong to this trace, so the batch norm may update them.
@@ -125,12 +88,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses
       a = model.encode_audio(batch["audio"], rngs=rngs, mel_transform=transform)
       t = model.encode_text(batch["input_ids"], batch["attention_mask"], rngs=rngs)
       loss, step_metrics = losses.hade_loss(model.heads, a, t, batch["clip_id"], loss_cfg)
-      return loss, (step_metrics, split_model(model)[2])
+      return loss, (step_metrics, hade.split_model(model)[2])
 
     (_, (step_metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], state["rest"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+        state.params, state.rest)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
     step_metrics["grad_norm"] = optax.global_norm(grads)
     finite = (jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(step_metrics["grad_norm"])
               & _all_finite((params, rest, opt_state)))
@@ -139,12 +102,22 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses
       # Where(True, new, old) is `new` bit for bit: finite steps are the normal step.
       params, rest, opt_state = jax.tree.map(
           lambda new, old: jnp.where(finite, new, old), (params, rest, opt_state),
-          (state["params"], state["rest"], state["opt_state"]))
-    new_state = dict(state, step=state["step"] + 1, params=params, rest=rest,
-                     opt_state=opt_state)
+          (state.params, state.rest, state.opt_state))
+    new_state = state.replace(step=state.step + 1, params=params, rest=rest,
+                              opt_state=opt_state)
     return new_state, step_metrics
 
   return train_step
+
+
+def train_step_of_config(config: ml_collections.ConfigDict, graphdef,
+                         tx: optax.GradientTransformation):
+  """`make_train_step` as `config` asks for it (loss, SpecAugment, seed, non-finite policy):
+  the step `train_and_evaluate` runs, for the trainer and the benchmarks alike."""
+  base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  loss_cfg = losses.LossConfig(**config.loss.to_dict())
+  return make_train_step(graphdef, tx, loss_cfg, bool(config.data.spec_augment), base_rng,
+                         skip_nonfinite=bool(config.skip_nonfinite_steps))
 
 
 def _all_finite(tree) -> jax.Array:
@@ -154,17 +127,7 @@ def _all_finite(tree) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation on a split.
-
-
-def evaluate_split(model: hade.HadeModel, split: data.EvalSplit, *, batch_size: int, tile: int
-                   ) -> dict[str, float]:
-  """Retrieval metrics of `model` on an evaluation split (all clips x all captions)."""
-  enc = retrieval.Encoder(model)
-  audio = enc.audio_batches(split.audio_batches(), split.clip_ids)
-  text = enc.text(split.input_ids, split.attention_mask, batch_size)
-  scores_AxT = enc.score(audio, text, tile=tile)
-  return metrics.retrieval_metrics(scores_AxT, split.caption_clip)
+# Evaluation.
 
 
 def rsum(m: dict[str, float], prefix: str) -> dict[str, float]:
@@ -200,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   local_batch = config.batch_size // jax.process_count()
 
   # == Data ===================================================================================
-  cfg = model_config(config)
+  cfg = hade.model_config(config)
   source = data.open_dataset(config, cfg)
   steps_per_epoch = max(1, source.num_train_clips // config.batch_size)
   total_steps = (config.total_steps if config.total_steps > 0
@@ -212,28 +175,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   def create_model():
     return hade.HadeModel(cfg, rngs=nnx.Rngs(config.seed))
 
-  abstract_model = nnx.eval_shape(create_model)
-  graphdef, abstract_params, _ = split_model(abstract_model)
-  tx = optim.make(
-      abstract_params, groups=config.optim.groups, lr=config.optim.lr.to_dict(),
-      weight_decay=config.optim.weight_decay.to_dict(), frozen=tuple(config.optim.frozen),
-      total_steps=total_steps, warmup_steps=warmup_steps, clip_norm=config.optim.clip_norm,
-      b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
-      end_factor=config.optim.end_factor,
-      accum_steps=config.optim.accum_steps)
-
-  def init_state(model):
-    _, params, rest = split_model(model)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
-            "opt_state": tx.init(params)}
+  graphdef, abstract_params, _ = hade.split_model(nnx.eval_shape(create_model))
+  tx = optim.make(abstract_params, config.optim, total_steps=total_steps,
+                  warmup_steps=warmup_steps)
 
   # == Shard & init ===========================================================================
-  abstract_state = jax.eval_shape(lambda: init_state(create_model()))
+  abstract_state = train_state.TrainState.abstract(create_model, tx)
   state_sharding = sharding.state_shardings(abstract_state, config.sharding_rules, mesh)
   # Restores land on this mesh, whatever mesh and number of processes saved the checkpoint.
   abstract_state = sharding.with_shardings(abstract_state, state_sharding)
   # Parameters are created already sharded: the init runs under jit with out_shardings.
-  init_from_scratch = jax.jit(lambda: init_state(create_model()), out_shardings=state_sharding)
+  init_from_scratch = jax.jit(lambda: train_state.TrainState.create(create_model(), tx),
+                              out_shardings=state_sharding)
 
   # == Restore ================================================================================
   ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints,
@@ -249,31 +202,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     log.info("resumed from %s at step %d", ckpt.last.directory, start_step)
   elif config.init.resume:
     start_step, state = checkpoints.restore_state(config.init.resume, abstract_state)
-    state = jax.device_put(dict(state, step=jnp.zeros((), jnp.int32)), state_sharding)
+    state = jax.device_put(state.replace(step=jnp.zeros((), jnp.int32)), state_sharding)
     start_step = 0
     log.info("initialised from checkpoint %s", config.init.resume)
   else:
     start_step = 0
     state = init_from_scratch()
     if any(config.init.get(k) for k in ("clap", "audio_tower", "text_tower")):
-      model = nnx.merge(graphdef, sharding.to_host(state["params"]),
-                        sharding.to_host(state["rest"]))
-      for report in import_pretrained(model, config.init):
+      model = nnx.merge(graphdef, sharding.to_host(state.params), sharding.to_host(state.rest))
+      for report in convert.import_pretrained(model, config.init):
         log.info("%s", report)
-      state = jax.device_put(init_state(model), state_sharding)
+      state = jax.device_put(train_state.TrainState.create(model, tx), state_sharding)
 
   # == Step ===================================================================================
-  base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-  loss_cfg = losses.LossConfig(**config.loss.to_dict())
   step_fn = jax.jit(
-      make_train_step(graphdef, tx, loss_cfg, bool(config.data.spec_augment), base_rng,
-                      skip_nonfinite=bool(config.skip_nonfinite_steps)),
+      train_step_of_config(config, graphdef, tx),
       in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       donate_argnums=(0,))
 
   # == Evals ==================================================================================
   writer = MetricWriter(workdir) if is_main else None
+  # One evaluator for the run: it compiles its encoders once, later evaluations load weights.
+  retrieval_eval = evaluator.RetrievalEvaluator.from_config(config)
   eval_split = None
 
   def run_eval(step: int, state) -> dict[str, float]:
@@ -281,9 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if eval_split is None:
       eval_split = data.eval_split(config, source, config.data.eval_split,
                                    max_clips=config.eval_max_clips)
-    model = _eval_model(graphdef, state, mesh)
-    m = evaluate_split(model, eval_split, batch_size=config.eval_batch_size,
-                       tile=config.eval_tile)
+    m = retrieval_eval.evaluate(_eval_model(graphdef, state, mesh), eval_split).metrics
     out = {f"val/{k}": v for k, v in m.items()} | rsum(m, "val")
     if writer:
       writer.write(step, out)
@@ -294,8 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   # == Loop ===================================================================================
   step = start_step
   pending = None  # metrics of the previous step, read one step late
-  lr_fn = functools.partial(optim.learning_rates, config.optim.lr.to_dict(), total_steps,
-                            warmup_steps, end_factor=config.optim.end_factor)
+  lr_fn = functools.partial(optim.learning_rates, config.optim, total_steps, warmup_steps)
   report = Reporter(writer, Timer(step), total_steps, config, lr_fn, counters)
   resolved = dict(config_dict, total_steps_resolved=total_steps)
   last_val: dict[str, float] = {}
@@ -374,8 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     else:
       best_state = state
     split = data.eval_split(config, source, config.final_eval_split)
-    model = _eval_model(graphdef, best_state, mesh)
-    m = evaluate_split(model, split, batch_size=config.eval_batch_size, tile=config.eval_tile)
+    m = retrieval_eval.evaluate(_eval_model(graphdef, best_state, mesh), split).metrics
     final |= {f"test/{k}": v for k, v in m.items()}
     if writer:
       writer.write(step, {f"test/{k}": v for k, v in m.items()})
@@ -391,14 +338,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return final
 
 
-def _eval_model(graphdef, state, mesh) -> hade.HadeModel:
+def _eval_model(graphdef, state: train_state.TrainState, mesh) -> hade.HadeModel:
   """The model for evaluation, its weights replicated on every device.
 
   Evaluation feeds the same host data to every process; with replicated weights every result
   is replicated too, so each process can read it (params sharded over several processes are
   not readable from one of them).
   """
-  params, rest = sharding.replicate((state["params"], state["rest"]), mesh)
+  params, rest = sharding.replicate((state.params, state.rest), mesh)
   return nnx.merge(graphdef, params, rest)
 
 

@@ -42,7 +42,7 @@ def test_embeddings_agree(systems):
 def jax_system_params(jax_system):
   import jax
 
-  return sum(x.size for x in jax.tree.leaves(jax_system.state["params"]))
+  return sum(x.size for x in jax.tree.leaves(jax_system.state.params))
 
 
 def test_embedding_calls_and_flops(systems):

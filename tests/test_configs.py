@@ -7,7 +7,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from hade_jax import hade, trainer
+from hade_jax import hade
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p for p in (ROOT / "configs").glob("*.py") if p.name != "__init__.py")
@@ -29,7 +29,7 @@ def test_all_config_files_are_covered():
 @pytest.mark.parametrize("ablation", ["", "ablation=global", "ablation=tha", "ablation=dcr"])
 def test_config_loads_and_builds_a_model(path, ablation):
   config = load(path, ablation)
-  cfg = trainer.model_config(config)
+  cfg = hade.model_config(config)
   expected = {"": (True, True), "ablation=global": (False, False),
               "ablation=tha": (True, False), "ablation=dcr": (False, True)}[ablation]
   assert (cfg.heads.use_tha, cfg.heads.use_dcr) == expected
@@ -37,7 +37,7 @@ def test_config_loads_and_builds_a_model(path, ablation):
   assert model.heads.cfg == cfg.heads
   # The optimizer groups cover every parameter.
   from hade_jax import optim
-  _, params, _ = trainer.split_model(model)
+  _, params, _ = hade.split_model(model)
   optim.group_labels(params, config.optim.groups)
 
 

@@ -10,7 +10,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from hade_jax import api, data, metrics, retrieval, trainer
+from hade_jax import api, data, evaluator, metrics, retrieval, trainer
 from hade_jax import eval as hade_eval
 from tests.tiny_train_config import tiny_config
 
@@ -130,7 +130,7 @@ def test_evaluate_prepared_split_matches_the_trainer(trained, minilm_dir):
   model, config, _ = api.load_model(workdir)
   m = hade_eval.evaluate(checkpoint=workdir, split="test", intervals=False)
   split = hade_eval.prepared_split(config, model.cfg, "test")
-  want = trainer.evaluate_split(model, split, batch_size=8, tile=8)
+  want = evaluator.RetrievalEvaluator(batch_size=8, tile=8).evaluate(model, split).metrics
   assert m == pytest.approx(want, abs=1e-4)
   # Weights and data in memory.
   again = hade_eval.evaluate(config, model=model, dataset=split, intervals=False)

@@ -128,3 +128,31 @@ def test_frozen_group_bf16_and_accumulation(tiny_data, minilm_dir, tmp_path):
   assert all(jax.tree.leaves(moved["heads"]))
   lines = [json.loads(x) for x in (tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()]
   assert all(np.isfinite(x["train/loss"]) for x in lines if "train/loss" in x)
+
+
+def test_train_state_keeps_the_checkpoint_layout_of_the_dict_state(tmp_path):
+  """A TrainState is saved with the item names the untyped dict had (step, params/..., rest/...,
+  opt_state/0/mu/...), and either form restores into the other."""
+  import jax.numpy as jnp
+  import optax
+
+  from hade_jax import checkpoints, train_state
+
+  params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+  tx = optax.adamw(1e-3)
+  state = train_state.TrainState(step=jnp.array(5, jnp.int32), params=params,
+                                 rest={"mean": jnp.zeros(2)}, opt_state=tx.init(params))
+  as_dict = {"step": state.step, "params": state.params, "rest": state.rest,
+             "opt_state": state.opt_state}
+  assert checkpoints.state_checksums(state) == checkpoints.state_checksums(as_dict)
+  assert "opt_state/0/mu/w" in checkpoints.state_checksums(state)
+  for name, saved in (("typed", state), ("dict", as_dict)):
+    ckpt = checkpoints.Checkpoints(tmp_path / name, keep=1, best_metric=None)
+    ckpt.save(5, saved, None, {"step": 5})
+    ckpt.wait()
+    ckpt.close()
+    assert set(read_state(tmp_path / name, 5)) == {"step", "params", "rest", "opt_state"}
+    step, restored = checkpoints.restore_state(tmp_path / name / "checkpoints",
+                                               jax.eval_shape(lambda: state))
+    assert step == 5 and isinstance(restored, train_state.TrainState)
+    assert_trees_close(restored, state, atol=0)

@@ -60,17 +60,17 @@ def save_random_checkpoint(workdir: pathlib.Path, minilm_dir: pathlib.Path | str
                            ) -> pathlib.Path:
   """A checkpoint of a randomly initialised tiny HADE in `workdir`, as the trainer lays it out
   (step 0). Search and evaluation need a model, not a good one."""
-  import jax.numpy as jnp
   from flax import nnx
 
-  from hade_jax import checkpoints, hade, trainer
+  from hade_jax import checkpoints, hade, optim, train_state
 
   config = tiny_config("", minilm_dir)
-  model = hade.HadeModel(trainer.model_config(config), rngs=nnx.Rngs(seed))
-  _, params, rest = trainer.split_model(model)
+  model = hade.HadeModel(hade.model_config(config), rngs=nnx.Rngs(seed))
+  tx = optim.make(hade.split_model(model)[1], config.optim, total_steps=config.total_steps,
+                  warmup_steps=0)
+  state = train_state.TrainState.create(model, tx)
   ckpt = checkpoints.Checkpoints(workdir, keep=1, best_metric=None)
-  ckpt.save(0, {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest}, None,
-            config.to_dict())
+  ckpt.save(0, state, None, config.to_dict())
   ckpt.wait()
   ckpt.close()
   return workdir
