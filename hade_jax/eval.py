@@ -55,7 +55,7 @@ import soundfile
 from jax.sharding import Mesh
 
 from data_pipelines import readers
-from hade_jax import api, data, distributed, hade, metrics, retrieval, tokenizer
+from hade_jax import api, checkpoints, data, distributed, hade, metrics, retrieval, tokenizer
 from hade_jax import heads as hade_heads
 
 log = logging.getLogger("hade_jax.eval")
@@ -228,7 +228,7 @@ def evaluate(config: ml_collections.ConfigDict | None = None, *,
   Args:
     config: the training config (model, data.* for tokenizer/crop/dataset, eval_batch_size,
       eval_tile). Default: the one saved with `checkpoint`.
-    checkpoint: a workdir, checkpoints folder or step folder (`api.checkpoint_step_dir`).
+    checkpoint: a workdir, checkpoints folder or step folder (`checkpoints.step_dir`).
     which: for a workdir, 'best' or 'last'.
     split: a split of the config's prepared dataset (default `config.data.test_split`).
     csv_path: a captions CSV instead (see the module docstring), audio under `audio_dir`.
@@ -369,7 +369,8 @@ def model_config_for(args: argparse.Namespace) -> ml_collections.ConfigDict | No
   if args.config:
     config = load_config_file(args.config)
   elif args.set:
-    config = api.saved_config(api.checkpoint_step_dir(args.checkpoint, args.which))
+    config = ml_collections.ConfigDict(checkpoints.saved_config(
+        checkpoints.step_dir(args.checkpoint, args.which)))
   else:
     return None
   apply_overrides(config, args.set)
@@ -417,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
   distributed.initialize_from_args(args)
   config = model_config_for(args)
   shortlists = [int(s) for s in args.shortlists.split(",") if s.strip()]
-  step_dir = api.checkpoint_step_dir(args.checkpoint, args.which)
+  step_dir = checkpoints.step_dir(args.checkpoint, args.which)
   out = args.out
   if not out:
     name = pathlib.Path(args.csv).stem if args.csv else (args.split or "test")
