@@ -105,10 +105,6 @@ class Checkpoints:
     """The directory of `step` of the last-N manager."""
     return pathlib.Path(str(self.last.directory)) / str(step)
 
-  def saved_config(self, step: int) -> dict:
-    """The resolved config saved with `step` of the last-N manager."""
-    return paths.saved_config(self.step_dir(step))
-
   def restore_latest(self, abstract_state: Any, data_iter: Any) -> Restored | None:
     """Restores the newest valid checkpoint; older ones are tried if the newest is damaged.
 
