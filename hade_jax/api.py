@@ -22,7 +22,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
-import json
 import os
 import pathlib
 from collections.abc import Sequence
@@ -30,13 +29,12 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import soxr
 from flax import nnx
 from jax.sharding import Mesh
 
 from data_pipelines import audio_io, policy
-from hade_jax import hade, metrics, retrieval, tokenizer, validation
+from hade_jax import checkpoints, hade, metrics, retrieval, tokenizer, validation
 from hade_jax import heads as hade_heads
 
 MemoryIndex = retrieval.MemoryIndex
@@ -47,56 +45,6 @@ AudioItem = str | os.PathLike | np.ndarray
 # Checkpoints -> model.
 
 
-def checkpoint_step_dir(path: str | os.PathLike, which: str = "best") -> pathlib.Path:
-  """The step directory a workdir, a manager directory or a step directory points at.
-
-  Args:
-    path: a training workdir (holding `best/` and `checkpoints/`), a manager directory
-      (`.../checkpoints` or `.../best`) or one step directory (`.../checkpoints/1200`).
-    which: for a workdir, 'best' (the best validation step; the last step when the run kept
-      no best) or 'last'.
-  """
-  path = pathlib.Path(path).expanduser().absolute()
-  if which not in ("best", "last"):
-    raise ValueError(f"which must be 'best' or 'last', got {which!r}")
-  if (path / "state").is_dir():
-    return path
-  if (path / "checkpoints").is_dir() or (path / "best").is_dir():
-    order = ("best", "checkpoints") if which == "best" else ("checkpoints", "best")
-    for sub in order:
-      step_dir = _latest_step(path / sub)
-      if step_dir is not None:
-        return step_dir
-  else:
-    step_dir = _latest_step(path)
-    if step_dir is not None:
-      return step_dir
-  raise FileNotFoundError(
-      f"no checkpoint in {path}: expected a training workdir (best/<step>/state or "
-      "checkpoints/<step>/state), a checkpoints folder (<step>/state) or a step folder "
-      "(state/, config/); train one with python -m hade_jax.train --workdir=...")
-
-
-def _latest_step(directory: pathlib.Path) -> pathlib.Path | None:
-  # Orbax writes a step to '<step>.orbax-checkpoint-tmp-*' and renames it when complete, so
-  # only all-digit names are finished steps.
-  if not directory.is_dir():
-    return None
-  steps = [int(p.name) for p in directory.iterdir()
-           if p.name.isdigit() and (p / "state").is_dir()]
-  return directory / str(max(steps)) if steps else None
-
-
-def saved_config(step_dir: pathlib.Path) -> ml_collections.ConfigDict:
-  """The resolved config the trainer saved with a step (orbax JSON item `config`)."""
-  candidates = [step_dir / "config" / "metadata", *sorted(step_dir.glob("config/*.json"))]
-  for path in candidates:
-    if path.is_file():
-      return ml_collections.ConfigDict(json.loads(path.read_text()))
-  raise FileNotFoundError(f"no saved config in {step_dir / 'config'}; pass the training "
-                          "config explicitly (config=... / --config=...)")
-
-
 def load_model(path: str | os.PathLike, config: ml_collections.ConfigDict | None = None, *,
                which: str = "best", mesh: Mesh | None = None
                ) -> tuple[hade.HadeModel, ml_collections.ConfigDict, pathlib.Path]:
@@ -105,8 +53,9 @@ def load_model(path: str | os.PathLike, config: ml_collections.ConfigDict | None
   Only the parameters and batch-norm statistics are read (not the optimizer state). `config`
   defaults to the one saved with the checkpoint.
   """
-  step_dir = checkpoint_step_dir(path, which)
-  config = config if config is not None else saved_config(step_dir)
+  step_dir = checkpoints.step_dir(path, which)
+  if config is None:
+    config = ml_collections.ConfigDict(checkpoints.saved_config(step_dir))
   validation.validate_config(config, training=False)  # a clear error before building anything
   cfg = hade.model_config(config)
   abstract = nnx.eval_shape(lambda: hade.HadeModel(cfg, rngs=nnx.Rngs(0)))
@@ -115,10 +64,7 @@ def load_model(path: str | os.PathLike, config: ml_collections.ConfigDict | None
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                         {"params": params, "rest": rest})
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    restored = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
+  restored = checkpoints.load(step_dir, target)
   return nnx.merge(graphdef, restored["params"], restored["rest"]), config, step_dir
 
 
@@ -289,7 +235,7 @@ class Hade:
   @classmethod
   def load(cls, path: str | os.PathLike, config: ml_collections.ConfigDict | None = None, *,
            which: str = "best", mesh: Mesh | None = None) -> Hade:
-    """From a workdir, a checkpoints folder or a step folder (see `checkpoint_step_dir`)."""
+    """From a workdir, a checkpoints folder or a step folder (`checkpoints.step_dir`)."""
     mesh = mesh if mesh is not None else retrieval.device_mesh()
     model, config, step_dir = load_model(path, config, which=which, mesh=mesh)
     return cls(model, config, mesh=mesh, checkpoint=step_dir)

@@ -89,9 +89,10 @@ def model_config(fv: flags.FlagValues) -> ml_collections.ConfigDict | None:
   if fv.config is not None:
     config = fv.config
   elif fv.set:
-    from hade_jax import api  # lazily: JAX
+    from hade_jax import checkpoints  # lazily: JAX
 
-    config = api.saved_config(api.checkpoint_step_dir(fv.checkpoint, fv.which))
+    config = ml_collections.ConfigDict(
+        checkpoints.saved_config(checkpoints.step_dir(fv.checkpoint, fv.which)))
   else:
     return None
   apply_overrides(config, fv.set)

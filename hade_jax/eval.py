@@ -53,6 +53,7 @@ from jax.sharding import Mesh
 from data_pipelines import policy, readers
 from hade_jax import (
   api,
+  checkpoints,
   cli,
   data,
   distributed,
@@ -202,7 +203,7 @@ def evaluate(config: ml_collections.ConfigDict | None = None, *,
   Args:
     config: the training config (model, data.* for tokenizer/crop/dataset, eval_batch_size,
       eval_tile). Default: the one saved with `checkpoint`.
-    checkpoint: a workdir, checkpoints folder or step folder (`api.checkpoint_step_dir`).
+    checkpoint: a workdir, checkpoints folder or step folder (`checkpoints.step_dir`).
     which: for a workdir, 'best' or 'last'.
     split: a split of the config's prepared dataset (default `config.data.test_split`).
     csv_path: a captions CSV instead (see the module docstring), audio under `audio_dir`.
@@ -339,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
   # Every process runs this same command; they share the device work, process 0 writes.
   cli.start_distributed(fv)
   config = cli.model_config(fv)
-  step_dir = api.checkpoint_step_dir(fv.checkpoint, fv.which)
+  step_dir = checkpoints.step_dir(fv.checkpoint, fv.which)
   out = fv.out
   if not out:
     name = pathlib.Path(fv.csv).stem if fv.csv else (fv.split or "test")

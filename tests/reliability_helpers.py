@@ -228,15 +228,10 @@ def kill_and_resume(command: Sequence[str], workdir: pathlib.Path, modes: Sequen
 
 
 def read_state(workdir: pathlib.Path, step: int) -> dict:
-  """A saved train state as numpy arrays (whatever mesh wrote it)."""
-  import jax
-  import orbax.checkpoint as ocp
+  """A saved train state as numpy arrays (whatever mesh wrote it), verified."""
+  from hade_jax import checkpoints
 
-  path = workdir / "checkpoints" / str(step) / "state"
-  checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(path).item_metadata.tree
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return checkpointer.restore(path, restore_args=as_numpy)
+  return checkpoints.read_state(workdir / "checkpoints" / str(step))
 
 
 def assert_bit_identical(a: dict, b: dict) -> int:

@@ -10,7 +10,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from hade_jax import api, data, evaluator, metrics, retrieval, trainer
+from hade_jax import api, checkpoints, data, evaluator, metrics, retrieval, trainer
 from hade_jax import eval as hade_eval
 from tests.tiny_train_config import tiny_config
 
@@ -140,6 +140,6 @@ def test_evaluate_prepared_split_matches_the_trainer(trained, minilm_dir):
 
 def test_missing_csv_and_checkpoint_errors_name_the_path(tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing")):
-    api.checkpoint_step_dir(tmp_path / "nothing")
+    checkpoints.step_dir(tmp_path / "nothing")
   with pytest.raises(ValueError, match="no captions CSV at"):
     hade_eval.read_folder_clips(tmp_path / "captions.csv")
