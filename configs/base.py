@@ -139,6 +139,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.final_eval_split = "test"  # evaluated with the best checkpoint at the end ('' = none).
   c.max_steps_per_run = 0  # stop cleanly (with a checkpoint) after N steps of this run.
   c.log_batch_ids = False  # write each step's clip ids to batches.jsonl (data-order checks).
+  # Resuming a workdir whose checkpoint was saved with another seed, optimizer, loss or training
+  # data: refused unless True (then logged); model changes are always refused
+  # (hade_jax/config_change.py).
+  c.allow_config_change = False
 
   args = parse_arg(arg)
   apply_ablation(c, args.get("ablation", "full"))
