@@ -1,0 +1,182 @@
+r"""SIGTERM / SIGINT cases for the fault harness (issue 13 item 5; RELIABILITY.md).
+
+  python -m tests.preempt_cases --cases=10 --steps=60
+
+stops `python -m hade_jax.train` on the tiny config with SIGTERM or SIGINT (drawn at random) at
+random times (startup included), reruns the same command after each stop, then runs it to the
+end and compares with an uninterrupted run: the final state must be bit-identical, every step
+must see the same clips, no step may be lost (the newest checkpoint after a stop is the last
+step the run started), and the exit status must be 143 (SIGTERM) or 130 (SIGINT) without a
+traceback. `preempt_and_resume` is what the harness calls; `signal_once` is one case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import pathlib
+import random
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+
+try:  # the harness moves to tools/ (issue 13); either place works
+  from tools import fault_harness as fh
+except ImportError:
+  from tests import fault_harness as fh
+
+EXPECTED_STATUS = {signal.SIGTERM: 143, signal.SIGINT: 130}
+
+
+@dataclasses.dataclass
+class Stop:
+  """One SIGTERM/SIGINT of a training run and what it left behind."""
+
+  signal: str  # 'SIGTERM' | 'SIGINT'
+  seconds: float  # from the process start to the signal
+  phase: str  # 'startup' (no step of this run logged yet) | 'steps'
+  status: int  # the exit status (negative: killed by that signal number)
+  exit_s: float  # from the signal to the exit
+  last_step: int  # the newest step any run started (batches.jsonl), after the exit
+  saved: int  # the newest checkpoint after the exit (0: none)
+  lost: int  # last_step - saved: steps that the rerun must train again
+  traceback: bool  # a Python traceback in the output
+
+  @property
+  def clean(self) -> bool:
+    return (self.status == EXPECTED_STATUS[signal.Signals[self.signal]] and self.lost == 0
+            and not self.traceback)
+
+
+def _last_step(workdir: pathlib.Path) -> int:
+  try:
+    lines = (workdir / "batches.jsonl").read_text().splitlines()
+  except FileNotFoundError:
+    return 0
+  steps = []
+  for line in lines:
+    try:
+      steps.append(json.loads(line)["step"])
+    except ValueError:
+      pass  # a line torn by a kill
+  return max(steps, default=0)
+
+
+def signal_once(command: Sequence[str], workdir: pathlib.Path, signum: int,
+                log_path: pathlib.Path, *, at_time: float | None = None,
+                after_steps: int | None = None, env: dict | None = None,
+                timeout: float = 400) -> Stop | None:
+  """Starts `command` and sends `signum` `at_time` seconds after the start, or once the run has
+  started `after_steps` steps; waits for the exit.
+
+  Returns:
+    What the stop left, or None if the run finished first.
+  """
+  batches = workdir / "batches.jsonl"
+  lines_before = fh._lines(batches)  # noqa: SLF001 - the harness's own helper
+  t0 = time.monotonic()
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(command, cwd=fh.ROOT, env=env or fh.train_env(), stdout=log,
+                            stderr=subprocess.STDOUT)
+  try:
+    while proc.poll() is None:
+      now = time.monotonic()
+      if now - t0 > timeout:
+        raise TimeoutError(f"{log_path}: no signal sent within {timeout} s")
+      if at_time is not None and now - t0 >= at_time:
+        break
+      if after_steps is not None and fh._lines(batches) - lines_before >= after_steps:  # noqa: SLF001
+        break
+      time.sleep(0.002)
+    if proc.poll() is not None:
+      if proc.returncode:
+        raise AssertionError(f"{log_path} exited {proc.returncode}:\n"
+                             f"{log_path.read_text()[-4000:]}")
+      return None
+    new_steps = fh._lines(batches) - lines_before  # noqa: SLF001
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    status = proc.wait(timeout=timeout)
+    exit_s = time.monotonic() - sent
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  steps = fh._finished_steps(workdir / "checkpoints")  # noqa: SLF001
+  saved = steps[-1] if steps else 0
+  last = _last_step(workdir)
+  output = log_path.read_text()
+  return Stop(signal.Signals(signum).name, sent - t0, "steps" if new_steps else "startup",
+              status, exit_s, last, saved, last - saved, "Traceback" in output)
+
+
+def preempt_and_resume(command: Sequence[str], workdir: pathlib.Path, cases: int,
+                       rng: random.Random, log_dir: pathlib.Path, env: dict | None = None
+                       ) -> tuple[list[Stop], float]:
+  """`cases` stops by SIGTERM or SIGINT (drawn from `rng`) at a uniform time between half the
+  run's startup and 4 s after it, rerunning `command` after each; then runs it to the end.
+
+  Returns:
+    (the stops, seconds in all).
+  """
+  start, startup_s, stops = time.monotonic(), 20.0, []
+  for i in range(cases):
+    signum = rng.choice([signal.SIGTERM, signal.SIGINT])
+    at = rng.uniform(0.5, 1.0) * startup_s + rng.uniform(0.0, 4.0)
+    stop = signal_once(command, workdir, signum, log_dir / f"stop_{i:02d}.log", at_time=at,
+                       env=env)
+    if stop is None:
+      break
+    stops.append(stop)
+    logging.info("stop %d: %s", i, stop)
+    if stop.phase == "steps":  # the startup of a restart (from the log's first step)
+      startup_s = min(startup_s, stop.seconds)
+  fh.run(command, log_dir / "final.log", env=env)
+  return stops, time.monotonic() - start
+
+
+def summary(stops: Sequence[Stop], same: dict) -> str:
+  """One RELIABILITY.md row."""
+  by_signal = {s: sum(x.signal == s for x in stops) for s in ("SIGTERM", "SIGINT")}
+  clean = sum(x.clean for x in stops)
+  return (f"| {len(stops)} SIGTERM/SIGINT stops at random times ({by_signal['SIGTERM']} "
+          f"SIGTERM, {by_signal['SIGINT']} SIGINT; {sum(x.phase == 'startup' for x in stops)} "
+          f"during startup), rerun after each | {clean}/{len(stops)} clean (status 143/130, no "
+          f"traceback), {sum(x.lost for x in stops)} steps lost in all, exit "
+          f"{max((x.exit_s for x in stops), default=0):.1f} s after the signal at most; final "
+          f"state bit-identical ({same['arrays']} arrays), same data order |")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--cases", type=int, default=10)
+  parser.add_argument("--steps", type=int, default=60)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--tmp", default="")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  tmp = pathlib.Path(args.tmp or tempfile.mkdtemp(prefix="preempt_cases_"))
+  data_dir = fh.prepare_tiny(tmp / "data")
+  overrides = dict(total_steps=args.steps, checkpoint_every_steps=25, keep_checkpoints=3)
+  env = fh.train_env(tmp / "compile_cache")
+  reference, stopped = tmp / "reference", tmp / "stopped"
+  fh.run(fh.train_command(reference, data_dir, fh.minilm_dir(), **overrides),
+         tmp / "reference.log", env=env)
+  command = fh.train_command(stopped, data_dir, fh.minilm_dir(), **overrides)
+  stops, seconds = preempt_and_resume(command, stopped, args.cases, random.Random(args.seed),
+                                      tmp, env=env)
+  same = fh.assert_same_run(reference, stopped, args.steps)
+  for i, s in enumerate(stops):
+    print(f"{i:2d} {s.signal:7s} at {s.seconds:5.1f}s {s.phase:7s} status {s.status:4d} "
+          f"exit {s.exit_s:4.1f}s last step {s.last_step:3d} saved {s.saved:3d} lost {s.lost} "
+          f"traceback {s.traceback}")
+  print(f"{seconds:.0f} s in all; logs in {tmp}")
+  print(summary(stops, same))
+
+
+if __name__ == "__main__":
+  main()
