@@ -45,6 +45,7 @@ class Stop:
   saved: int  # the newest checkpoint after the exit (0: none)
   lost: int  # last_step - saved: steps that the rerun must train again
   traceback: bool  # a Python traceback in the output
+  first_step_s: float | None  # from the process start to its first logged step
 
   @property
   def clean(self) -> bool:
@@ -69,7 +70,7 @@ def _last_step(workdir: pathlib.Path) -> int:
 def signal_once(command: Sequence[str], workdir: pathlib.Path, signum: int,
                 log_path: pathlib.Path, *, at_time: float | None = None,
                 after_steps: int | None = None, env: dict | None = None,
-                timeout: float = 400) -> Stop | None:
+                timeout: float = 1800) -> Stop | None:
   """Starts `command` and sends `signum` `at_time` seconds after the start, or once the run has
   started `after_steps` steps; waits for the exit.
 
@@ -78,7 +79,7 @@ def signal_once(command: Sequence[str], workdir: pathlib.Path, signum: int,
   """
   batches = workdir / "batches.jsonl"
   lines_before = fh._lines(batches)  # noqa: SLF001 - the harness's own helper
-  t0 = time.monotonic()
+  t0, first_step_s = time.monotonic(), None
   with open(log_path, "w") as log:
     proc = subprocess.Popen(command, cwd=fh.ROOT, env=env or fh.train_env(), stdout=log,
                             stderr=subprocess.STDOUT)
@@ -87,6 +88,8 @@ def signal_once(command: Sequence[str], workdir: pathlib.Path, signum: int,
       now = time.monotonic()
       if now - t0 > timeout:
         raise TimeoutError(f"{log_path}: no signal sent within {timeout} s")
+      if first_step_s is None and fh._lines(batches) > lines_before:  # noqa: SLF001
+        first_step_s = now - t0
       if at_time is not None and now - t0 >= at_time:
         break
       if after_steps is not None and fh._lines(batches) - lines_before >= after_steps:  # noqa: SLF001
@@ -111,7 +114,7 @@ def signal_once(command: Sequence[str], workdir: pathlib.Path, signum: int,
   last = _last_step(workdir)
   output = log_path.read_text()
   return Stop(signal.Signals(signum).name, sent - t0, "steps" if new_steps else "startup",
-              status, exit_s, last, saved, last - saved, "Traceback" in output)
+              status, exit_s, last, saved, last - saved, "Traceback" in output, first_step_s)
 
 
 def preempt_and_resume(command: Sequence[str], workdir: pathlib.Path, cases: int,
@@ -133,9 +136,9 @@ def preempt_and_resume(command: Sequence[str], workdir: pathlib.Path, cases: int
       break
     stops.append(stop)
     logging.info("stop %d: %s", i, stop)
-    if stop.phase == "steps":  # the startup of a restart (from the log's first step)
-      startup_s = min(startup_s, stop.seconds)
-  fh.run(command, log_dir / "final.log", env=env)
+    if stop.first_step_s is not None:  # a restart's startup, to aim the next signal
+      startup_s = stop.first_step_s
+  fh.run(command, log_dir / "final.log", env=env, timeout=1800)
   return stops, time.monotonic() - start
 
 
@@ -165,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   env = fh.train_env(tmp / "compile_cache")
   reference, stopped = tmp / "reference", tmp / "stopped"
   fh.run(fh.train_command(reference, data_dir, fh.minilm_dir(), **overrides),
-         tmp / "reference.log", env=env)
+         tmp / "reference.log", env=env, timeout=1800)
   command = fh.train_command(stopped, data_dir, fh.minilm_dir(), **overrides)
   stops, seconds = preempt_and_resume(command, stopped, args.cases, random.Random(args.seed),
                                       tmp, env=env)

@@ -41,13 +41,13 @@ def test_config_change_of_the_model_is_refused_naming_the_fields(trained, tiny_d
                                                                  minilm_dir):
   workdir, overrides = trained
   config = tiny_config(tiny_data, minilm_dir, **overrides)
-  config.model.heads.num_factors = 2
-  config.model.text.num_hidden_layers = 1
+  config.model.heads.embed_dim = 8
+  config.model.text.intermediate_size = 64
   with pytest.raises(config_change.ConfigChangeError) as e:
     trainer.train_and_evaluate(config, workdir)
   message = str(e.value)
-  assert "model.heads.num_factors: 4 -> 2" in message
-  assert "model.text.num_hidden_layers: 2 -> 1" in message
+  assert "model.heads.embed_dim: 16 -> 8" in message
+  assert "model.text.intermediate_size: 32 -> 64" in message
   assert "checkpoints are fine and were not touched" in message
   assert "unreadable" not in message
   assert isinstance(e.value, validation.ConfigError)

@@ -32,7 +32,7 @@ def reference(tiny_data, minilm_dir, tmp_path_factory):
   env = fh.train_env(tmp / "compile_cache")
   workdir = tmp / "reference"
   fh.run(fh.train_command(workdir, tiny_data, minilm_dir, **OVERRIDES), tmp / "reference.log",
-         env=env)
+         env=env, timeout=1800)
   return workdir, env
 
 
@@ -53,7 +53,7 @@ def test_sigterm_and_sigint_save_the_step_exit_cleanly_and_resume_bit_identical(
   assert f"at step {stop.saved} (exit status {stop.status})" in output
   assert "Traceback" not in output and "KeyboardInterrupt" not in output
   assert "(rerun the same command to resume)" in output
-  fh.run(command, tmp_path / "rerun.log", env=env)
+  fh.run(command, tmp_path / "rerun.log", env=env, timeout=1800)
   same = fh.assert_same_run(reference_dir, workdir, STEPS)
   assert same["leftover_partial"] == []
   _assert_steps_increase(workdir)
