@@ -227,6 +227,10 @@ class TrainConfig:
   final_eval_split: str = "test"  # evaluated with the best checkpoint at the end ('' = none).
   max_steps_per_run: int = 0  # stop cleanly (with a checkpoint) after N steps of this run.
   log_batch_ids: bool = False  # write each step's clip ids to batches.jsonl (data-order checks).
+  # Resuming a workdir whose checkpoint was saved with another seed, optimizer, loss or training
+  # data: refused unless True (then logged); model changes are always refused
+  # (hade_jax/config_change.py).
+  allow_config_change: bool = False
 
   def __post_init__(self):
     p = fields.Problems(self)

@@ -107,6 +107,10 @@ class TrainIterator:
   def __iter__(self):
     return self
 
+  def close(self) -> None:
+    """Stops the Grain threads and worker processes (they outlive the run otherwise)."""
+    self.checkpointable.close()
+
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self.checkpointable)
     return {k: batch[k] for k in ("audio", "input_ids", "attention_mask", "clip_id",
@@ -144,12 +148,15 @@ def eval_split(config: ml_collections.ConfigDict, ds: Dataset, split: str, *,
   def audio_batches():
     loader = input_pipeline.make_eval_audio_loader(
         icfg, split=split, batch_size=batch_size, source=source)
-    seen = 0
-    for batch in loader:
-      if max_clips and seen >= len(clip_ids):
-        break
-      seen += int(batch["valid"].sum())
-      yield batch
+    seen, it = 0, iter(loader)
+    try:
+      for batch in it:
+        if max_clips and seen >= len(clip_ids):
+          break
+        seen += int(batch["valid"].sum())
+        yield batch
+    finally:  # its threads and workers stop with the pass, not when garbage collected
+      it.close()
 
   return EvalSplit(audio_batches, captions.input_ids[keep_T], captions.attention_mask[keep_T],
                    caption_clip, np.asarray(clip_ids), names,

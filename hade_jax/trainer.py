@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import math
+import os
 import pathlib
 import time
 
@@ -36,14 +37,17 @@ from flax import nnx
 
 from hade_jax import (
     checkpoints,
+    config_change,
     convert,
     data,
     evaluator,
     hade,
     input_pipeline,
+    locking,
     losses,
     metrics,
     optim,
+    preemption,
     preflight,
     sharding,
     train_state,
@@ -140,12 +144,33 @@ def rsum(m: dict[str, float], prefix: str) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _exclusive_and_preemptible(train_fn):
+  """One run per workdir (hade_jax/locking.py) and clean stops on SIGTERM/SIGINT
+  (hade_jax/preemption.py) around `train_fn(config, workdir)`."""
+
+  @functools.wraps(train_fn)
+  def wrapper(config: ml_collections.ConfigDict, workdir: str | pathlib.Path):
+    # Every bad field and every missing input at once, before the lock creates the workdir.
+    validation.validate_config(config)
+    preflight.check(config, workdir)  # data, tokenizer, pretrained towers
+    with locking.exclusive(workdir, "training"), preemption.Handler():
+      return train_fn(config, workdir)
+
+  return wrapper
+
+
+@_exclusive_and_preemptible
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
                        ) -> dict[str, float]:
-  """Trains per `config` in `workdir`, resuming whatever is there; returns the final metrics."""
-  # Every bad field at once, before anything is built or written (hade_jax/validation.py).
-  validation.validate_config(config)
-  preflight.check(config, workdir)  # every missing input (data, tokenizer, towers) at once
+  """Trains per `config` in `workdir`, resuming whatever is there; returns the final metrics.
+
+  Raises:
+    locking.LockedError: another run holds the workdir (named in the message).
+    config_change.ConfigChangeError: the workdir's checkpoint was saved with another model (or,
+      unless config.allow_config_change, another seed/optimizer/loss/training data).
+    preemption.Preempted: a SystemExit with status 143 (SIGTERM) or 130 (SIGINT), raised after
+      the checkpoint of the step reached is saved; rerunning resumes from it exactly.
+  """
   workdir = pathlib.Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
@@ -191,6 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   # == Restore ================================================================================
   ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints,
                                  best_metric=config.best_metric or None)
+  _check_config_change(ckpt, config_dict, config)
   restored = ckpt.restore_latest(abstract_state, train_iter.checkpointable)
   counters = {"skipped_steps": 0, "consecutive_skips": 0}
   if restored is not None:
@@ -222,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       donate_argnums=(0,))
 
   # == Evals ==================================================================================
-  writer = MetricWriter(workdir) if is_main else None
+  writer = MetricWriter(workdir, start_step) if is_main else None
   # One evaluator for the run: it compiles its encoders once, later evaluations load weights.
   retrieval_eval = evaluator.RetrievalEvaluator.from_config(config)
   eval_split = None
@@ -273,6 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         # finished one is harmless.
         last_val = evaluate_and_offer_best(start_step, state)
       while step < stop_at:
+        if preemption.requested():  # SIGTERM/SIGINT: stop at this step boundary
+          break
         local = next(train_iter)
         if config.log_batch_ids:  # the global batch's clip ids, processes in order
           clip_ids = sharding.to_host(
@@ -297,21 +325,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           last_val = evaluate_and_offer_best(step, state)
     if pending is not None:
       report(pending, force=True)
+    if start_step < step < stop_at and ckpt.latest_step() != step:  # stopped by a signal
+      ckpt.save(step, state, train_iter.checkpointable, resolved, counters=counters, force=True)
     ckpt.wait()
   except BaseException:
     # Saves already started hold earlier steps, checked before they were saved: finish them.
     _finish_saves(ckpt)
     raise
   finally:
+    train_iter.close()
     if batch_log:
       batch_log.close()
   final = dict(last_val)
-  if step < total_steps:  # stopped by max_steps_per_run: the next run resumes
-    log.info("stopping at step %d of %d (max_steps_per_run); rerun to continue", step,
-             total_steps)
+  if step < total_steps:  # stopped by a signal or max_steps_per_run: the next run resumes
     ckpt.close()
     if writer:
       writer.close()
+    preemption.exit_if_requested(step)
+    log.info("stopping at step %d of %d (max_steps_per_run); rerun to continue", step,
+             total_steps)
+    _log_results(workdir)
     return final
 
   # Final evaluation of the best checkpoint on the test split.
@@ -335,7 +368,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   ckpt.close()
   if writer:
     writer.close()
+  _log_results(workdir)
   return final
+
+
+def _log_results(workdir: pathlib.Path) -> None:
+  """The closing line: where this run's results are."""
+  def newest(folder: str) -> str:
+    steps = [int(p.name) for p in (workdir / folder).glob("*") if p.name.isdigit()]
+    return f"{folder}/{max(steps)}" if steps else ""
+
+  found = [name for name in ("metrics.jsonl", "test_metrics.json", "tensorboard")
+           if (workdir / name).exists()] + [x for x in (newest("checkpoints"), newest("best")) if x]
+  log.info("results in %s: %s", workdir, ", ".join(found) or "nothing written")
+
+
+def _check_config_change(ckpt: checkpoints.Checkpoints, config_dict: dict,
+                         config: ml_collections.ConfigDict) -> None:
+  """A changed config is named before restoring (it would otherwise read as damage)."""
+  step = ckpt.latest_step()
+  if step is None:
+    return
+  step_dir = pathlib.Path(ckpt.last.directory) / str(step)
+  try:
+    saved = checkpoints.saved_config(step_dir)
+  except Exception:  # noqa: BLE001 - a damaged step: restore_latest reports and skips it
+    return
+  config_change.check_resume(saved, config_dict,
+                             step_dir=str(step_dir),
+                             allow=bool(config.get("allow_config_change", False)))
 
 
 def _eval_model(graphdef, state: train_state.TrainState, mesh) -> hade.HadeModel:
@@ -460,18 +521,30 @@ def open_jsonl(path: pathlib.Path):
 
 
 class MetricWriter:
-  """metrics.jsonl + TensorBoard event files (process 0 only)."""
+  """metrics.jsonl + TensorBoard event files (process 0 only).
 
-  def __init__(self, workdir: pathlib.Path):
-    self.jsonl = open_jsonl(workdir / "metrics.jsonl")
+  A run resuming at `start_step` supersedes what a killed run logged after that step: those
+  lines are dropped from metrics.jsonl (rewritten atomically), the new TensorBoard event file
+  asks TensorBoard to discard the old files' events from `start_step + 1` on (`purge_step`),
+  and lines the resumed run repeats at `start_step` itself (the evaluation of the restored
+  step) are not written twice. Each metric's steps stay strictly increasing.
+  """
+
+  def __init__(self, workdir: pathlib.Path, start_step: int = 0):
+    path = workdir / "metrics.jsonl"
+    self.start_step = start_step
+    self.logged_at_start = _drop_lines_after(path, start_step)
+    self.jsonl = open_jsonl(path)
     try:
       from tensorboardX import SummaryWriter
 
-      self.tb = SummaryWriter(str(workdir / "tensorboard"))
+      self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
     except ImportError:  # tensorboardX is an install requirement; tolerate its absence anyway
       self.tb = None
 
   def write(self, step: int, values: dict[str, float]):
+    if step == self.start_step and values.keys() <= self.logged_at_start:
+      return  # a repeat of what the interrupted run logged for this step
     self.jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}})
                      + "\n")
     self.jsonl.flush()
@@ -485,3 +558,29 @@ class MetricWriter:
     if self.tb:
       self.tb.close()
 
+
+def _drop_lines_after(path: pathlib.Path, step: int) -> set[str]:
+  """Removes the lines of `path` past `step` (atomically); returns the keys logged at `step`."""
+  if not path.exists():
+    return set()
+  keep, at_step, dropped = [], set(), 0
+  for line in path.read_bytes().splitlines(keepends=True):
+    try:
+      entry = json.loads(line)
+      line_step = int(entry["step"])
+    except (ValueError, KeyError, TypeError):
+      dropped += 1  # a line torn by a kill
+      continue
+    if line_step > step:
+      dropped += 1
+      continue
+    if line_step == step:
+      at_step |= entry.keys() - {"step"}
+    keep.append(line if line.endswith(b"\n") else line + b"\n")
+  if dropped:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(b"".join(keep))
+    os.replace(tmp, path)
+    log.info("dropped %d lines past step %d from %s (the interrupted run's steps after its "
+             "last checkpoint)", dropped, step, path)
+  return at_step

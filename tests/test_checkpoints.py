@@ -14,7 +14,7 @@ import soundfile
 from hade_jax import api, checkpoints, search
 from hade_jax import eval as hade_eval
 from hade_jax.checkpoints import integrity
-from tests import fault_harness as fh
+from tests import reliability_helpers as fh
 from tests.tiny_train_config import save_random_checkpoint
 
 # -- Integrity alone ----------------------------------------------------------------------------
