@@ -60,7 +60,7 @@ import tqdm
 from absl import flags
 
 from data_pipelines import audio_io
-from hade_jax import api, cli, distributed, metrics, paths, retrieval
+from hade_jax import api, cli, distributed, locking, metrics, paths, retrieval
 from hade_jax import heads as hade_heads
 
 log = logging.getLogger("hade_jax.search")
@@ -484,10 +484,20 @@ def build_index(hade: api.Hade, audio_dir: str | os.PathLike, out: str | os.Path
     The index. On processes other than 0 (which only embed): the index as process 0 wrote it,
     or None when its folder is not visible from this host.
   """
+  out = pathlib.Path(out).expanduser().absolute()
+  out.mkdir(parents=True, exist_ok=True)
+  # One writer per index: a second `index` on the same folder is refused naming the first.
+  with locking.exclusive(out, "search index"):
+    return _build_index(hade, audio_dir, out, batch_size=batch_size, shard_size=shard_size,
+                        progress=progress, max_new_clips=max_new_clips, num_threads=num_threads)
+
+
+def _build_index(hade: api.Hade, audio_dir: str | os.PathLike, out: pathlib.Path, *,
+                 batch_size: int | None, shard_size: int, progress: bool, max_new_clips: int,
+                 num_threads: int) -> Index | None:
   root = pathlib.Path(audio_dir).expanduser().absolute()
   files = list_audio(root)
   stats = file_stats(root, files)
-  out = pathlib.Path(out).expanduser().absolute()
   batch_size = batch_size or hade.batch_size
   # With several processes all of them embed (the encoder is one program over every device)
   # and process 0 writes; every process reads what is done before process 0 changes anything.

@@ -4,6 +4,7 @@ layouts, integer PCM and missing files as a user would give them, and reads only
 """
 
 import json
+import os
 import pathlib
 import tracemalloc
 
@@ -12,7 +13,7 @@ import pytest
 import soundfile
 
 from data_pipelines import audio_io
-from hade_jax import api, data, metrics, paths, search
+from hade_jax import api, data, locking, metrics, paths, search
 from hade_jax import eval as hade_eval
 from hade_jax.convert import common as convert_common
 from tests.tiny_train_config import save_random_checkpoint
@@ -350,6 +351,16 @@ def test_index_integrity_user_files_under_shards_survive(model, indexed):
   assert (shards / "mine" / "notes.txt").read_text() == "my notes"
   assert (shards / "000077" / "notes.txt").read_text() == "also mine"
   assert (shards / "README").read_text() == "mine too"
+
+
+def test_index_lock_refuses_a_second_writer_naming_the_holder(model, indexed):
+  audio, out = indexed
+  manifest = (out / search.MANIFEST).read_bytes()
+  with locking.WorkdirLock(out, purpose="search index"):  # another `index` run, mid-build
+    with pytest.raises(locking.LockedError, match=f"search index.*pid {os.getpid()}"):
+      search.build_index(model, audio, out, shard_size=2, batch_size=2, progress=False)
+  assert (out / search.MANIFEST).read_bytes() == manifest  # nothing written by the refused run
+  search.build_index(model, audio, out, shard_size=2, batch_size=2, progress=False)  # free again
 
 
 def test_index_outside_manifest_shard_dir_is_refused(indexed):
