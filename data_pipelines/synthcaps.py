@@ -715,6 +715,18 @@ def generate(out_dir: os.PathLike | str, params: Params, *, num_workers: int = 1
     ValueError: `out_dir` holds a synthcaps set made with other parameters, or the
       parameters are unusable.
   """
+  _check_params(params)
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  _claim_out_dir(out_dir, params)
+  jobs, tables = _plan_splits(out_dir, params)
+  _render_clips(jobs, num_workers=num_workers, progress=progress)
+  # Tables last: their presence marks a split whose audio is complete.
+  _write_tables(out_dir, tables)
+  return {split: len(rows) for split, (rows, _) in tables.items()}
+
+
+def _check_params(params: Params) -> None:
   if params.clip_seconds < _MIN_CLIP_SECONDS:
     raise ValueError(f"clip_seconds must be >= {_MIN_CLIP_SECONDS}, got {params.clip_seconds}")
   if params.family_size < 2:
@@ -723,8 +735,10 @@ def generate(out_dir: os.PathLike | str, params: Params, *, num_workers: int = 1
   unknown = set(params.clips) - set(SPLITS)
   if unknown:
     raise ValueError(f"unknown synthcaps splits {sorted(unknown)}; known: {list(SPLITS)}")
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _claim_out_dir(out_dir: pathlib.Path, params: Params) -> None:
+  """Writes synthcaps_params.json, or checks that the one there matches `params`."""
   params_path = out_dir / "synthcaps_params.json"
   if params_path.exists():
     found = json.loads(params_path.read_text(encoding="utf-8"))
@@ -735,6 +749,9 @@ def generate(out_dir: os.PathLike | str, params: Params, *, num_workers: int = 1
   else:
     _atomic_write_text(params_path, json.dumps(params.to_json(), indent=1))
 
+
+def _plan_splits(out_dir: pathlib.Path, params: Params) -> tuple[list, dict]:
+  """The clips still to render (jobs for `_write_clip`) and each split's (rows, truth)."""
   jobs, tables = [], {}
   for split, folder in SPLITS.items():
     if not params.clips.get(split):
@@ -752,7 +769,10 @@ def generate(out_dir: os.PathLike | str, params: Params, *, num_workers: int = 1
       if not path.exists():
         jobs.append((str(path), scene, params, split))
     tables[split] = (rows, truth)
+  return jobs, tables
 
+
+def _render_clips(jobs: list, *, num_workers: int, progress: bool) -> None:
   bar = None
   if progress and jobs:
     import tqdm  # pylint: disable=g-import-not-at-top
@@ -772,7 +792,8 @@ def generate(out_dir: os.PathLike | str, params: Params, *, num_workers: int = 1
   if bar:
     bar.close()
 
-  # Tables last: their presence marks a split whose audio is complete.
+
+def _write_tables(out_dir: pathlib.Path, tables: dict) -> None:
   for split, (rows, truth) in tables.items():
     folder = SPLITS[split]
     buf = io.StringIO()
@@ -782,4 +803,3 @@ def generate(out_dir: os.PathLike | str, params: Params, *, num_workers: int = 1
     _atomic_write_text(out_dir / f"synthcaps_ground_truth_{folder}.jsonl",
                        "".join(json.dumps(t, sort_keys=True) + "\n" for t in truth))
     _atomic_write_text(out_dir / f"clotho_captions_{folder}.csv", buf.getvalue())
-  return {split: len(rows) for split, (rows, _) in tables.items()}

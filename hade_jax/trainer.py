@@ -1,6 +1,7 @@
 """Training loop: `train_and_evaluate(config, workdir)`.
 
-One function cut into labelled sections, in the order they run:
+One function cut into labelled sections, in the order they run (the longer ones call the
+helpers below it, which share the run's fixed pieces through `_Run`):
   mesh -> data -> model & optimizer -> shard & init -> restore -> step -> evals -> loop.
 
 Resume order (first that applies):
@@ -20,6 +21,7 @@ Legend: B: global batch, S: samples, M: words.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -27,6 +29,7 @@ import math
 import os
 import pathlib
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -173,27 +176,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """
   workdir = pathlib.Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  is_main = jax.process_index() == 0
   config_dict = config.to_dict()
 
   # == Mesh ===================================================================================
   mesh = sharding.make_mesh(config.mesh)
-  batch_axes = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape]))
-  if config.batch_size % batch_axes:
-    raise ValueError(f"config.batch_size={config.batch_size} does not divide over the "
-                     f"{batch_axes} devices of the mesh's data x fsdp axes {dict(mesh.shape)}")
-  if config.batch_size % jax.process_count():
-    raise ValueError(f"config.batch_size={config.batch_size} does not divide over "
-                     f"{jax.process_count()} processes")
-  local_batch = config.batch_size // jax.process_count()
+  local_batch = _local_batch_size(config, mesh)
 
   # == Data ===================================================================================
   cfg = hade.model_config(config)
   source = data.open_dataset(config, cfg)
-  steps_per_epoch = max(1, source.num_train_clips // config.batch_size)
-  total_steps = (config.total_steps if config.total_steps > 0
-                 else int(math.ceil(config.num_epochs * steps_per_epoch)))
-  warmup_steps = int(round(config.optim.warmup_epochs * steps_per_epoch))
+  total_steps, warmup_steps = _schedule_steps(config, source)
   train_iter = data.TrainIterator(config, source, local_batch)
 
   # == Model & optimizer ======================================================================
@@ -205,99 +197,203 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                   warmup_steps=warmup_steps)
 
   # == Shard & init ===========================================================================
-  abstract_state = train_state.TrainState.abstract(create_model, tx)
-  state_sharding = sharding.state_shardings(abstract_state, config.sharding_rules, mesh)
-  # Restores land on this mesh, whatever mesh and number of processes saved the checkpoint.
-  abstract_state = sharding.with_shardings(abstract_state, state_sharding)
-  # Parameters are created already sharded: the init runs under jit with out_shardings.
-  init_from_scratch = jax.jit(lambda: train_state.TrainState.create(create_model(), tx),
-                              out_shardings=state_sharding)
+  run = _shard(config, workdir, mesh, source, total_steps, warmup_steps, graphdef, tx,
+               create_model, resolved=dict(config_dict, total_steps_resolved=total_steps))
 
   # == Restore ================================================================================
   ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints,
                                  best_metric=config.best_metric or None)
   _check_config_change(ckpt, config_dict, config)
-  restored = ckpt.restore_latest(abstract_state, train_iter.checkpointable)
-  counters = {"skipped_steps": 0, "consecutive_skips": 0}
-  if restored is not None:
-    start_step, state = restored.step, restored.state
-    state = jax.device_put(state, state_sharding)
-    _check_same_global_batch(ckpt, start_step, restored.config.get("batch_size"),
-                             config.batch_size)
-    counters |= {k: int(v) for k, v in restored.counters.items() if k in counters}
-    log.info("resumed from %s at step %d", ckpt.last.directory, start_step)
-  elif config.init.resume:
-    start_step, state = checkpoints.restore_state(config.init.resume, abstract_state)
-    state = jax.device_put(state.replace(step=jnp.zeros((), jnp.int32)), state_sharding)
-    start_step = 0
-    log.info("initialised from checkpoint %s", config.init.resume)
-  else:
-    start_step = 0
-    state = init_from_scratch()
-    if any(config.init.get(k) for k in ("clap", "audio_tower", "text_tower")):
-      model = nnx.merge(graphdef, sharding.to_host(state.params), sharding.to_host(state.rest))
-      for report in convert.import_pretrained(model, config.init):
-        log.info("%s", report)
-      state = jax.device_put(train_state.TrainState.create(model, tx), state_sharding)
+  restored = ckpt.restore_latest(run.abstract_state, train_iter.checkpointable)
+  start_step, state, counters = _restore_or_init(run, ckpt, restored)
 
   # == Step ===================================================================================
   step_fn = jax.jit(
       train_step_of_config(config, graphdef, tx),
-      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      in_shardings=(run.state_sharding, sharding.batch_sharding(mesh)),
+      out_shardings=(run.state_sharding, sharding.replicated(mesh)),
       donate_argnums=(0,))
 
   # == Evals ==================================================================================
-  writer = MetricWriter(workdir, start_step) if is_main else None
-  # One evaluator for the run: it compiles its encoders once, later evaluations load weights.
-  retrieval_eval = evaluator.RetrievalEvaluator.from_config(config)
-  eval_split = None
+  writer = MetricWriter(workdir, start_step) if run.is_main else None
+  evals = _Evals(run, ckpt, writer)
 
-  def run_eval(step: int, state) -> dict[str, float]:
-    nonlocal eval_split
-    if eval_split is None:
-      eval_split = data.eval_split(config, source, config.data.eval_split,
-                                   max_clips=config.eval_max_clips)
-    m = retrieval_eval.evaluate(_eval_model(graphdef, state, mesh), eval_split).metrics
+  # == Loop ===================================================================================
+  step, state, last_val = _train_loop(run, ckpt, evals, train_iter, step_fn, start_step, state,
+                                      counters, resumed=restored is not None)
+  return _finish(run, ckpt, evals, step, state, last_val)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """The pieces of one run that the sections after "shard & init" share."""
+
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  is_main: bool  # process 0: the one that logs and writes metric files
+  mesh: jax.sharding.Mesh
+  source: data.Dataset
+  total_steps: int
+  warmup_steps: int
+  graphdef: nnx.GraphDef
+  tx: optax.GradientTransformation
+  create_model: Callable[[], hade.HadeModel]
+  abstract_state: train_state.TrainState  # carries `state_sharding`: restores land on the mesh
+  state_sharding: train_state.TrainState  # a NamedSharding per leaf
+  resolved: dict  # the config saved with every checkpoint
+
+  def init_from_scratch(self) -> train_state.TrainState:
+    # Parameters are created already sharded: the init runs under jit with out_shardings.
+    return jax.jit(lambda: train_state.TrainState.create(self.create_model(), self.tx),
+                   out_shardings=self.state_sharding)()
+
+
+def _local_batch_size(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
+  """This process's share of `config.batch_size`, which must divide over the mesh."""
+  batch_axes = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape]))
+  if config.batch_size % batch_axes:
+    raise ValueError(f"config.batch_size={config.batch_size} does not divide over the "
+                     f"{batch_axes} devices of the mesh's data x fsdp axes {dict(mesh.shape)}")
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size={config.batch_size} does not divide over "
+                     f"{jax.process_count()} processes")
+  return config.batch_size // jax.process_count()
+
+
+def _schedule_steps(config: ml_collections.ConfigDict, source: data.Dataset) -> tuple[int, int]:
+  """(total_steps, warmup_steps), epochs converted with the training split's size."""
+  steps_per_epoch = max(1, source.num_train_clips // config.batch_size)
+  total_steps = (config.total_steps if config.total_steps > 0
+                 else int(math.ceil(config.num_epochs * steps_per_epoch)))
+  warmup_steps = int(round(config.optim.warmup_epochs * steps_per_epoch))
+  return total_steps, warmup_steps
+
+
+def _shard(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.sharding.Mesh,
+           source: data.Dataset, total_steps: int, warmup_steps: int, graphdef,
+           tx: optax.GradientTransformation, create_model, resolved: dict) -> _Run:
+  """The abstract train state and its shardings over `mesh` (by `config.sharding_rules`)."""
+  abstract_state = train_state.TrainState.abstract(create_model, tx)
+  state_sharding = sharding.state_shardings(abstract_state, config.sharding_rules, mesh)
+  # Restores land on this mesh, whatever mesh and number of processes saved the checkpoint.
+  abstract_state = sharding.with_shardings(abstract_state, state_sharding)
+  return _Run(config=config, workdir=workdir, is_main=jax.process_index() == 0, mesh=mesh,
+              source=source, total_steps=total_steps, warmup_steps=warmup_steps,
+              graphdef=graphdef, tx=tx, create_model=create_model, abstract_state=abstract_state,
+              state_sharding=state_sharding, resolved=resolved)
+
+
+def _restore_or_init(run: _Run, ckpt: checkpoints.Checkpoints, restored
+                     ) -> tuple[int, train_state.TrainState, dict[str, int]]:
+  """(start_step, state, counters) in the resume order of the module docstring."""
+  config = run.config
+  counters = {"skipped_steps": 0, "consecutive_skips": 0}
+  if restored is not None:  # 1. the workdir's own checkpoint: state and data position
+    start_step, state = restored.step, restored.state
+    state = jax.device_put(state, run.state_sharding)
+    _check_same_global_batch(ckpt, start_step, restored.config.get("batch_size"),
+                             config.batch_size)
+    counters |= {k: int(v) for k, v in restored.counters.items() if k in counters}
+    log.info("resumed from %s at step %d", ckpt.last.directory, start_step)
+  elif config.init.resume:  # 2. another run's checkpoint: state only
+    start_step, state = checkpoints.restore_state(config.init.resume, run.abstract_state)
+    state = jax.device_put(state.replace(step=jnp.zeros((), jnp.int32)), run.state_sharding)
+    start_step = 0
+    log.info("initialised from checkpoint %s", config.init.resume)
+  else:  # 4. scratch, then 3. the pretrained imports over it
+    start_step = 0
+    state = run.init_from_scratch()
+    if any(config.init.get(k) for k in ("clap", "audio_tower", "text_tower")):
+      model = nnx.merge(run.graphdef, sharding.to_host(state.params),
+                        sharding.to_host(state.rest))
+      for report in convert.import_pretrained(model, config.init):
+        log.info("%s", report)
+      state = jax.device_put(train_state.TrainState.create(model, run.tx), run.state_sharding)
+  return start_step, state, counters
+
+
+class _Evals:
+  """Validation during training, the best checkpoint and the final test evaluation."""
+
+  def __init__(self, run: _Run, ckpt: checkpoints.Checkpoints, writer: MetricWriter | None):
+    self.run, self.ckpt, self.writer = run, ckpt, writer
+    # One evaluator for the run: it compiles its encoders once, later evaluations load weights.
+    self.retrieval_eval = evaluator.RetrievalEvaluator.from_config(run.config)
+    self.eval_split = None  # read at the first evaluation
+
+  def due(self, step: int) -> bool:
+    config = self.run.config
+    return bool(config.eval_every_steps and step % config.eval_every_steps == 0
+                ) or step == self.run.total_steps
+
+  def run_eval(self, step: int, state) -> dict[str, float]:
+    run = self.run
+    if self.eval_split is None:
+      self.eval_split = data.eval_split(run.config, run.source, run.config.data.eval_split,
+                                        max_clips=run.config.eval_max_clips)
+    m = self.retrieval_eval.evaluate(_eval_model(run.graphdef, state, run.mesh),
+                                     self.eval_split).metrics
     out = {f"val/{k}": v for k, v in m.items()} | rsum(m, "val")
-    if writer:
-      writer.write(step, out)
-      log.info("step %d validation (%d clips):\n%s", step, len(eval_split.clip_ids),
+    if self.writer:
+      self.writer.write(step, out)
+      log.info("step %d validation (%d clips):\n%s", step, len(self.eval_split.clip_ids),
                metrics.format_table(m))
     return out
 
-  # == Loop ===================================================================================
+  def evaluate_and_offer_best(self, step: int, state) -> dict[str, float]:
+    self.ckpt.wait()
+    val = self.run_eval(step, state)
+    if self.ckpt.save_best(step, state, self.run.resolved, val):
+      log.info("step %d is the new best by %s = %.2f", step, self.run.config.best_metric,
+               val[self.run.config.best_metric])
+    return val
+
+  def test(self, step: int, state) -> dict[str, float]:
+    """Final evaluation of the best checkpoint on the test split (if the config names one)."""
+    run, config = self.run, self.run.config
+    if not (config.final_eval_split and config.final_eval_split in run.source.splits):
+      return {}
+    best_dir = run.workdir / "best"
+    if self.ckpt.best is not None and self.ckpt.best.latest_step() is not None:
+      _, best_state = checkpoints.restore_state(best_dir, run.abstract_state)
+    else:
+      best_state = state
+    split = data.eval_split(config, run.source, config.final_eval_split)
+    m = self.retrieval_eval.evaluate(_eval_model(run.graphdef, best_state, run.mesh),
+                                     split).metrics
+    if self.writer:
+      self.writer.write(step, {f"test/{k}": v for k, v in m.items()})
+      (run.workdir / "test_metrics.json").write_text(json.dumps(
+          {"split": config.final_eval_split, "clips": split.clip_names,
+           "tie_rule": metrics.TIE_RULE, "metrics": m}, indent=2))
+      log.info("test split %r (%d clips, %d captions), best checkpoint:\n%s",
+               config.final_eval_split, len(split.clip_ids), len(split.caption_clip),
+               metrics.format_table(m))
+    return {f"test/{k}": v for k, v in m.items()}
+
+
+def _train_loop(run: _Run, ckpt: checkpoints.Checkpoints, evals: _Evals,
+                train_iter: data.TrainIterator, step_fn, start_step: int, state,
+                counters: dict[str, int], resumed: bool):
+  """Steps to the end, to `config.max_steps_per_run` or to a signal; (step, state, last_val)."""
+  config, mesh, total_steps = run.config, run.mesh, run.total_steps
   step = start_step
   pending = None  # metrics of the previous step, read one step late
-  lr_fn = functools.partial(optim.learning_rates, config.optim, total_steps, warmup_steps)
-  report = Reporter(writer, Timer(step), total_steps, config, lr_fn, counters)
-  resolved = dict(config_dict, total_steps_resolved=total_steps)
+  lr_fn = functools.partial(optim.learning_rates, config.optim, total_steps, run.warmup_steps)
+  report = Reporter(evals.writer, Timer(step), total_steps, config, lr_fn, counters)
   last_val: dict[str, float] = {}
   stop_at = total_steps
   if config.max_steps_per_run > 0:
     stop_at = min(total_steps, start_step + config.max_steps_per_run)
-  batch_log = (open_jsonl(workdir / "batches.jsonl")
-               if config.log_batch_ids and is_main else None)
-
-  def eval_due(step: int) -> bool:
-    return bool(config.eval_every_steps and step % config.eval_every_steps == 0
-                ) or step == total_steps
-
-  def evaluate_and_offer_best(step: int, state) -> dict[str, float]:
-    ckpt.wait()
-    val = run_eval(step, state)
-    if ckpt.save_best(step, state, resolved, val):
-      log.info("step %d is the new best by %s = %.2f", step, config.best_metric,
-               val[config.best_metric])
-    return val
-
+  batch_log = (open_jsonl(run.workdir / "batches.jsonl")
+               if config.log_batch_ids and run.is_main else None)
   try:
     with mesh:
-      if restored is not None and eval_due(start_step):
+      if resumed and evals.due(start_step):
         # The step was saved before its evaluation ran: a run killed in between would
         # otherwise never evaluate it (nor offer it as the best). Deterministic, so repeating a
         # finished one is harmless.
-        last_val = evaluate_and_offer_best(start_step, state)
+        last_val = evals.evaluate_and_offer_best(start_step, state)
       while step < stop_at:
         if preemption.requested():  # SIGTERM/SIGINT: stop at this step boundary
           break
@@ -315,18 +411,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           report(pending)
         pending = (step, step_metrics)
         save_due = step % config.checkpoint_every_steps == 0 or step in (total_steps, stop_at)
-        if save_due or eval_due(step):
+        if save_due or evals.due(step):
           # Nothing of a step is saved or evaluated before its NaN check.
           report(pending, force=True)
           pending = None
         if save_due:
-          ckpt.save(step, state, train_iter.checkpointable, resolved, counters=counters)
-        if eval_due(step):
-          last_val = evaluate_and_offer_best(step, state)
+          ckpt.save(step, state, train_iter.checkpointable, run.resolved, counters=counters)
+        if evals.due(step):
+          last_val = evals.evaluate_and_offer_best(step, state)
     if pending is not None:
       report(pending, force=True)
     if start_step < step < stop_at and ckpt.latest_step() != step:  # stopped by a signal
-      ckpt.save(step, state, train_iter.checkpointable, resolved, counters=counters, force=True)
+      ckpt.save(step, state, train_iter.checkpointable, run.resolved, counters=counters,
+                force=True)
     ckpt.wait()
   except BaseException:
     # Saves already started hold earlier steps, checked before they were saved: finish them.
@@ -336,39 +433,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     train_iter.close()
     if batch_log:
       batch_log.close()
+  return step, state, last_val
+
+
+def _finish(run: _Run, ckpt: checkpoints.Checkpoints, evals: _Evals, step: int, state,
+            last_val: dict[str, float]) -> dict[str, float]:
+  """The test evaluation once training is complete; closes the run's files either way."""
   final = dict(last_val)
-  if step < total_steps:  # stopped by a signal or max_steps_per_run: the next run resumes
+  if step < run.total_steps:  # stopped by a signal or max_steps_per_run: the next run resumes
     ckpt.close()
-    if writer:
-      writer.close()
+    if evals.writer:
+      evals.writer.close()
     preemption.exit_if_requested(step)
     log.info("stopping at step %d of %d (max_steps_per_run); rerun to continue", step,
-             total_steps)
-    _log_results(workdir)
+             run.total_steps)
+    _log_results(run.workdir)
     return final
 
-  # Final evaluation of the best checkpoint on the test split.
-  if config.final_eval_split and config.final_eval_split in source.splits:
-    best_dir = workdir / "best"
-    if ckpt.best is not None and ckpt.best.latest_step() is not None:
-      _, best_state = checkpoints.restore_state(best_dir, abstract_state)
-    else:
-      best_state = state
-    split = data.eval_split(config, source, config.final_eval_split)
-    m = retrieval_eval.evaluate(_eval_model(graphdef, best_state, mesh), split).metrics
-    final |= {f"test/{k}": v for k, v in m.items()}
-    if writer:
-      writer.write(step, {f"test/{k}": v for k, v in m.items()})
-      (workdir / "test_metrics.json").write_text(json.dumps(
-          {"split": config.final_eval_split, "clips": split.clip_names,
-           "tie_rule": metrics.TIE_RULE, "metrics": m}, indent=2))
-      log.info("test split %r (%d clips, %d captions), best checkpoint:\n%s",
-               config.final_eval_split, len(split.clip_ids), len(split.caption_clip),
-               metrics.format_table(m))
+  final |= evals.test(step, state)
   ckpt.close()
-  if writer:
-    writer.close()
-  _log_results(workdir)
+  if evals.writer:
+    evals.writer.close()
+  _log_results(run.workdir)
   return final
 
 
