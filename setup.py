@@ -30,7 +30,19 @@ setuptools.setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
     ],
+    entry_points={
+        # Each command is its `python -m` module (its `run`); tests/test_console_scripts.py.
+        "console_scripts": [
+            "hade-train = hade_jax.train:run",
+            "hade-eval = hade_jax.eval:run",
+            "hade-search = hade_jax.search:run",
+            "hade-prepare = data_pipelines.prepare:run",
+        ],
+    },
     extras_require={
+        # `pip install hade_jax[tensorboard]`: the viewer of workdir/tensorboard (the event files
+        # are written by tensorboardX, an install requirement).
+        "tensorboard": ["tensorboard>=2.16"],
         "test": [
             # Exactly this torch: any other version resolves to a CUDA build (gigabytes).
             "torch==2.13.0",

@@ -356,5 +356,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
   return result
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The console script (setup.py); the same as `python -m` of this module."""
   cli.main_entry(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -800,5 +800,10 @@ def main(argv: Sequence[str] | None = None):
   return hits
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The console script (setup.py); the same as `python -m` of this module."""
   cli.main_entry(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -28,6 +28,8 @@ import logging
 import math
 import os
 import pathlib
+import re
+import sys
 import time
 from collections.abc import Callable
 
@@ -213,6 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       in_shardings=(run.state_sharding, sharding.batch_sharding(mesh)),
       out_shardings=(run.state_sharding, sharding.replicated(mesh)),
       donate_argnums=(0,))
+  step_fn = _log_first_call(step_fn)  # "compiling the training step..." / "compiled in N s"
 
   # == Evals ==================================================================================
   writer = MetricWriter(workdir, start_step) if run.is_main else None
@@ -430,6 +433,7 @@ def _train_loop(run: _Run, ckpt: checkpoints.Checkpoints, evals: _Evals,
     _finish_saves(ckpt)
     raise
   finally:
+    report.close()
     train_iter.close()
     if batch_log:
       batch_log.close()
@@ -459,14 +463,17 @@ def _finish(run: _Run, ckpt: checkpoints.Checkpoints, evals: _Evals, step: int, 
 
 
 def _log_results(workdir: pathlib.Path) -> None:
-  """The closing line: where this run's results are."""
+  """The closing line: where this run's results are, and its best checkpoint's full path."""
   def newest(folder: str) -> str:
     steps = [int(p.name) for p in (workdir / folder).glob("*") if p.name.isdigit()]
     return f"{folder}/{max(steps)}" if steps else ""
 
   found = [name for name in ("metrics.jsonl", "test_metrics.json", "tensorboard")
            if (workdir / name).exists()] + [x for x in (newest("checkpoints"), newest("best")) if x]
-  log.info("results in %s: %s", workdir, ", ".join(found) or "nothing written")
+  best = newest("best")
+  best_text = (f"best checkpoint {workdir / best}" if best
+               else "no best checkpoint (no validation ran)")
+  log.info("results in %s: %s; %s", workdir, ", ".join(found) or "nothing written", best_text)
 
 
 def _check_config_change(ckpt: checkpoints.Checkpoints, config_dict: dict,
@@ -518,19 +525,31 @@ def _check_same_global_batch(ckpt: checkpoints.Checkpoints, step: int, saved: in
 
 
 class Reporter:
-  """Host side of a step, one step late: NaN check, skip count, console line, metric files."""
+  """Host side of a step, one step late: NaN check, skip count, console line or progress bar,
+  metric files.
+
+  On a terminal (`use_progress_bar`) process 0 shows a tqdm bar with a smoothed ETA instead of
+  the per-step log lines (other log lines print above the bar); otherwise the log lines.
+  """
 
   def __init__(self, writer: MetricWriter | None, timer: Timer, total_steps: int,
-               config: ml_collections.ConfigDict, lr_fn, counters: dict[str, int]):
+               config: ml_collections.ConfigDict, lr_fn, counters: dict[str, int],
+               progress_bar: bool | None = None):
     self.writer, self.timer, self.total_steps = writer, timer, total_steps
     self.config, self.lr_fn = config, lr_fn
     self.counters = counters  # updated in place; saved with every checkpoint
+    if progress_bar is None:
+      progress_bar = writer is not None and use_progress_bar()
+    self.progress_bar = progress_bar
+    self.bar = self._redirect = None  # created at the first step reported: after the compile
 
   def __call__(self, pending, force: bool = False):
     step, m = pending
     m = {k: float(v) for k, v in jax.device_get(m).items()}
     self._check_finite(step, m)
     config = self.config
+    if self.progress_bar:
+      self._advance_bar(step)
     if not (force or step % config.log_every_steps == 0):
       return
     rate = self.timer.rate(step)
@@ -541,9 +560,33 @@ class Reporter:
       m["skipped_steps"] = self.counters["skipped_steps"]
     if self.writer:
       terms = " ".join(f"{k}={v:.4f}" for k, v in sorted(m.items()) if k.startswith("loss"))
-      log.info("step %d/%d %s | %.2f steps/s %.1f clips/s | ETA %s", step, self.total_steps,
-               terms, rate, rate * config.batch_size, _fmt_time(eta))
+      if self.bar is not None:
+        self.bar.set_postfix_str(terms, refresh=False)
+      else:
+        log.info("step %d/%d %s | %.2f steps/s %.1f clips/s | ETA %s", step, self.total_steps,
+                 terms, rate, rate * config.batch_size, _fmt_time(eta))
       self.writer.write(step, {f"train/{k}": v for k, v in m.items()})
+
+  def _advance_bar(self, step: int) -> None:
+    if self.bar is None:
+      import tqdm
+      from tqdm.contrib import logging as tqdm_logging
+
+      # The ETA is the steps left over an exponential average of the rate (smoothing=0.05:
+      # about the last 20 updates), so an evaluation or a slow batch moves it little.
+      self.bar = tqdm.tqdm(total=self.total_steps, initial=step - 1, unit="step",
+                           smoothing=0.05, dynamic_ncols=True, file=sys.stderr)
+      # Log lines (evaluations, checkpoints) print above the bar instead of through it.
+      self._redirect = tqdm_logging.logging_redirect_tqdm()
+      self._redirect.__enter__()
+    self.bar.update(step - self.bar.n)
+
+  def close(self) -> None:
+    """Ends the progress bar, if any (the log lines go to stderr directly again)."""
+    if self.bar is not None:
+      self.bar.close()
+      self._redirect.__exit__(None, None, None)
+      self.bar = self._redirect = None
 
   def _check_finite(self, step: int, m: dict[str, float]) -> None:
     if m.pop("finite"):
@@ -569,6 +612,36 @@ class Reporter:
                            "last checkpoint holds the state before them.")
     log.warning("skipped step %d (%d skipped in all, %d in a row): %s", step,
                 self.counters["skipped_steps"], n, what)
+
+
+def use_progress_bar(stream=None) -> bool:
+  """A tqdm progress bar when `stream` (default stderr, where the logs go) is a terminal;
+  plain log lines otherwise (files, pipes, batch jobs)."""
+  stream = sys.stderr if stream is None else stream
+  isatty = getattr(stream, "isatty", None)
+  try:
+    return bool(isatty and isatty())
+  except ValueError:  # a closed stream
+    return False
+
+
+def _log_first_call(step_fn):
+  """`step_fn` that logs around its first call, where jit traces and compiles it (later calls
+  only dispatch), so the minutes of compilation are announced and then timed."""
+  first = True
+
+  def call(*args):
+    nonlocal first
+    if not first:
+      return step_fn(*args)
+    first = False
+    log.info("compiling the training step...")
+    start = time.perf_counter()
+    out = step_fn(*args)
+    log.info("compiled in %.1f s", time.perf_counter() - start)
+    return out
+
+  return call
 
 
 def _fmt_time(seconds: float) -> str:
@@ -606,8 +679,42 @@ def open_jsonl(path: pathlib.Path):
   return open(path, "a", encoding="utf-8")  # noqa: SIM115
 
 
+# Characters TensorBoard summary names may hold (tensorboardX `summary._clean_tag`, after
+# TensorFlow's op names: it replaces any other with '_' and warns "Summary name ... is illegal").
+_TAG_ILLEGAL = re.compile(r"[^-/\w\.]")
+# The metric names' characters outside that set and the text that stands for each in the tags.
+TAG_REPLACEMENTS = {"@": "_at_", "+": "_plus_"}
+
+
+def tensorboard_tag(name: str) -> str:
+  """The TensorBoard tag of a metrics.jsonl name: '@' -> '_at_', '+' -> '_plus_'.
+
+  E.g. 'val/t2a/R@1+R@5+R@10' -> 'val/t2a/R_at_1_plus_R_at_5_plus_R_at_10'. One to one: a name
+  holding a replacement text already, or another illegal character, is refused (such a name
+  would need its own replacement here, the one place of the mapping).
+
+  Raises:
+    ValueError: naming the metric and the character or text.
+  """
+  for text in TAG_REPLACEMENTS.values():
+    if text in name:
+      raise ValueError(f"metric name {name!r} holds {text!r}, the TensorBoard tag text of "
+                       "another character (trainer.TAG_REPLACEMENTS): rename the metric")
+  tag = name
+  for char, text in TAG_REPLACEMENTS.items():
+    tag = tag.replace(char, text)
+  bad = _TAG_ILLEGAL.search(tag)
+  if bad or tag.startswith("/"):
+    raise ValueError(f"metric name {name!r}: {bad[0] if bad else '/'!r} cannot start or be in "
+                     "a TensorBoard tag; add its replacement to trainer.TAG_REPLACEMENTS")
+  return tag
+
+
 class MetricWriter:
   """metrics.jsonl + TensorBoard event files (process 0 only).
+
+  TensorBoard's tags are the metrics.jsonl names with '@' and '+' spelled out
+  (`tensorboard_tag`): R@1 is R_at_1 there.
 
   A run resuming at `start_step` supersedes what a killed run logged after that step: those
   lines are dropped from metrics.jsonl (rewritten atomically), the new TensorBoard event file
@@ -636,7 +743,7 @@ class MetricWriter:
     self.jsonl.flush()
     if self.tb:
       for k, v in values.items():
-        self.tb.add_scalar(k, float(v), int(step))
+        self.tb.add_scalar(tensorboard_tag(k), float(v), int(step))
       self.tb.flush()
 
   def close(self):
