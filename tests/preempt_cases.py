@@ -1,13 +1,12 @@
-r"""SIGTERM / SIGINT cases for the fault harness (issue 13 item 5; RELIABILITY.md).
+r"""SIGTERM / SIGINT stops of a training run (issue 13 item 5), shared by the tests and the fault
+harness (`python -m tools.fault_harness --stops=10`, RELIABILITY.md).
 
-  python -m tools.preempt_cases --cases=10 --steps=60
-
-(the tool) stops `python -m hade_jax.train` on the tiny config with SIGTERM or SIGINT (drawn at
-random) at random times (startup included), reruns the same command after each stop, then runs
-it to the end and compares with an uninterrupted run: the final state must be bit-identical,
-every step must see the same clips, no step may be lost (the newest checkpoint after a stop is
-the last step the run started), and the exit status must be 143 (SIGTERM) or 130 (SIGINT)
-without a traceback. `preempt_and_resume` is what the harness calls; `signal_once` is one case.
+`signal_once` starts `python -m hade_jax.train`, sends SIGTERM or SIGINT at a time or after some
+steps and waits for the exit; `preempt_and_resume` stops a run at random times (startup
+included), reruns the same command after each stop, then runs it to the end. A clean stop exits
+with 143 (SIGTERM) or 130 (SIGINT) without a traceback and loses no step (the newest checkpoint
+is the last step the run started); the harness then compares the final state with an
+uninterrupted run (bit-identical, the same clips at every step).
 """
 
 from __future__ import annotations

@@ -234,12 +234,21 @@ def read_state(workdir: pathlib.Path, step: int) -> dict:
   return checkpoints.read_state(workdir / "checkpoints" / str(step))
 
 
-def assert_bit_identical(a: dict, b: dict) -> int:
-  """Asserts two states hold the same arrays bit for bit; returns how many there are."""
+def _flat(tree) -> dict:
+  """{'params/w': leaf}: paths by key names only, so a TrainState and the dict a checkpoint
+  reads back (checkpoints.read_state) name the same arrays alike."""
   import jax
 
-  flat_a = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(a)}
-  flat_b = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(b)}
+  def name(path) -> str:
+    return "/".join(str(next((getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a)),
+                             k)) for k in path)
+
+  return {name(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def assert_bit_identical(a, b) -> int:
+  """Asserts two states hold the same arrays bit for bit; returns how many there are."""
+  flat_a, flat_b = _flat(a), _flat(b)
   assert flat_a.keys() == flat_b.keys(), sorted(flat_a.keys() ^ flat_b.keys())[:5]
   for key, x in flat_a.items():
     x, y = np.asarray(x), np.asarray(flat_b[key])
@@ -340,19 +349,22 @@ def damage(step_dir: pathlib.Path, kind: str) -> None:
   DAMAGE[kind][1](step_dir)
 
 
-def small_state(seed: int = 0, mesh=None) -> dict:
-  """A train-state-like pytree of a few arrays (sharded over `mesh`'s first axis if given)."""
+def small_state(seed: int = 0, mesh=None):
+  """A small TrainState of a few arrays (sharded over `mesh`'s first axis if given)."""
   import jax
   import jax.numpy as jnp
 
+  from hade_jax import train_state
+
   rng = np.random.default_rng(seed)
-  tree = {"step": jnp.array(seed, jnp.int32),
-          "params": {"w": rng.normal(size=(64, 48)).astype(np.float32),
-                     "b": rng.normal(size=(48,)).astype(np.float32),
-                     "emb": rng.normal(size=(1024, 64)).astype(np.float32)},
-          "rest": {"mean": rng.normal(size=(16,)).astype(np.float32)},
-          "opt_state": ({"count": jnp.array(seed, jnp.int32),
-                         "mu": {"w": rng.normal(size=(64, 48)).astype(np.float32)}},)}
+  tree = train_state.TrainState(
+      step=jnp.array(seed, jnp.int32),
+      params={"w": rng.normal(size=(64, 48)).astype(np.float32),
+              "b": rng.normal(size=(48,)).astype(np.float32),
+              "emb": rng.normal(size=(1024, 64)).astype(np.float32)},
+      rest={"mean": rng.normal(size=(16,)).astype(np.float32)},
+      opt_state=({"count": jnp.array(seed, jnp.int32),
+                  "mu": {"w": rng.normal(size=(64, 48)).astype(np.float32)}},))
   if mesh is None:
     return jax.tree.map(jnp.asarray, tree)
   axis = mesh.axis_names[0]

@@ -99,7 +99,7 @@ def test_preempt_handler_restores_the_old_handlers():
 
 def test_preempt_cases_at_random_times_lose_nothing(reference, tiny_data, minilm_dir,
                                                     tmp_path):
-  # The short version of `python -m tests.preempt_cases` (RELIABILITY.md): two stops at
+  # The short version of the fault harness's `--stops` (RELIABILITY.md): two stops at
   # random times, rerun after each, then to the end.
   reference_dir, env = reference
   workdir = tmp_path / "stopped"

@@ -75,9 +75,9 @@ def test_orbax_alone_restores_overwritten_bytes_silently(tmp_path):
 def test_checksums_do_not_depend_on_the_mesh():
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(-1), ("data",))
   sharded, single = fh.small_state(5, mesh), fh.small_state(5)
-  assert sharded["params"]["emb"].sharding.spec == jax.sharding.PartitionSpec("data")
+  assert sharded.params["emb"].sharding.spec == jax.sharding.PartitionSpec("data")
   assert checkpoints.state_checksums(sharded) == checkpoints.state_checksums(single)
-  moved = dict(single, params=dict(single["params"], b=single["params"]["b"][::-1]))
+  moved = single.replace(params=dict(single.params, b=single.params["b"][::-1]))
   changed = checkpoints.state_checksums(moved)
   assert [k for k, v in changed.items() if v != checkpoints.state_checksums(single)[k]] == [
       "params/b"]

@@ -1,6 +1,6 @@
-r"""Fault injection for hade_jax: kills, damaged checkpoints, NaNs, interrupted preparation.
+r"""Fault injection for hade_jax: kills, stops, damaged checkpoints, NaNs, interrupted preparation.
 
-  python -m tools.fault_harness --kills=12 --steps=30 --prepare_kills=9
+  python -m tools.fault_harness --kills=12 --stops=10 --steps=30 --prepare_kills=9
 
 runs every fault of tests/reliability_helpers.py (which tests/test_reliability.py runs short)
 at full length, writes what it measured to tools/results/fault_harness.json and renders that
@@ -31,6 +31,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
+from tests import preempt_cases  # noqa: E402
 from tests import reliability_helpers as rh  # noqa: E402
 from tools import markdown  # noqa: E402
 
@@ -49,6 +50,7 @@ class Run:
   tokenizer_dir: pathlib.Path = dataclasses.field(init=False)
   faults: list[dict] = dataclasses.field(default_factory=list)
   kills: list[dict] = dataclasses.field(default_factory=list)
+  stops: list[dict] = dataclasses.field(default_factory=list)
 
   def __post_init__(self):
     self.logs = self.root / "logs"
@@ -117,6 +119,34 @@ def kills_and_rerun(run: Run, kills: int) -> pathlib.Path:
   run.row("rerun after completion", "1", f"exits 0 in {again_s:.0f} s (repeats the final "
           "evaluation); state, checkpoints and data log unchanged")
   return reference
+
+
+def signal_stops(run: Run, reference: pathlib.Path, stops: int) -> None:
+  """SIGTERM/SIGINT (what preemption sends) at random times, each followed by a rerun."""
+  import signal
+
+  def command(workdir):  # checkpoints only at the end: each stop's own save is what counts
+    return rh.train_command(workdir, run.data_dir, run.tokenizer_dir, total_steps=run.steps,
+                            checkpoint_every_steps=run.steps, keep_checkpoints=3)
+
+  probe = preempt_cases.signal_once(command(run.root / "probe"), run.root / "probe",
+                                    signal.SIGTERM, run.logs / "probe.log", after_steps=1,
+                                    env=run.env)
+  stopped = run.root / "stopped"
+  done, seconds = preempt_cases.preempt_and_resume(
+      command(stopped), stopped, stops, run.rng, run.logs, env=run.env,
+      startup_s=probe.first_step_s if probe and probe.first_step_s else 20.0)
+  same = rh.assert_same_run(reference, stopped, run.steps)
+  clean = sum(s.clean for s in done)
+  by_signal = ", ".join(f"{sum(s.signal == n for s in done)} {n}" for n in ("SIGTERM", "SIGINT"))
+  phases = ", ".join(f"{sum(s.phase == p for s in done)} {p}" for p in ("startup", "steps"))
+  run.row("training stopped by SIGTERM/SIGINT and rerun", f"{len(done)} stops ({by_signal}); "
+          f"observed: {phases}",
+          f"{clean}/{len(done)} clean (status 143/130, no traceback, the step reached saved); "
+          f"{sum(s.lost for s in done)} steps lost; final state ({same['arrays']} arrays) "
+          f"bit-identical to an uninterrupted run, the same clips at every step; exit at most "
+          f"{max((s.exit_s for s in done), default=0):.1f} s after the signal; {seconds:.0f} s")
+  run.stops = [dataclasses.asdict(s) for s in done]
 
 
 def damaged_checkpoints(run: Run, reference: pathlib.Path) -> None:
@@ -198,7 +228,13 @@ def tables(results: dict) -> dict[str, str]:
        "finished checkpoints after the kill", "its temporary folders left"),
       [(i + 1, k["mode"], k["phase"], f"{k['seconds']:.1f} s", k["new_steps"], k["checkpoints"],
         k["partial"] or "-") for i, k in enumerate(results["kills"])])
-  return {"fault_run": run, "faults": faults, "training_kills": kills}
+  stops = markdown.table(
+      ("stop", "signal", "after", "phase", "exit status", "exit after the signal",
+       "newest step started", "checkpoint saved", "steps lost", "traceback"),
+      [(i + 1, s["signal"], f"{s['seconds']:.1f} s", s["phase"], s["status"],
+        f"{s['exit_s']:.1f} s", s["last_step"], s["saved"], s["lost"],
+        "yes" if s["traceback"] else "no") for i, s in enumerate(results.get("stops", []))])
+  return {"fault_run": run, "faults": faults, "training_kills": kills, "signal_stops": stops}
 
 
 def render(results_path: pathlib.Path, markdown_path: pathlib.Path) -> None:
@@ -211,6 +247,7 @@ def render(results_path: pathlib.Path, markdown_path: pathlib.Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--kills", type=int, default=12, help="training kills")
+  parser.add_argument("--stops", type=int, default=10, help="SIGTERM/SIGINT stops")
   parser.add_argument("--steps", type=int, default=30, help="training steps of the runs")
   parser.add_argument("--prepare_kills", type=int, default=9)
   parser.add_argument("--seed", type=int, default=0)
@@ -240,6 +277,7 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict:
   root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="fault_harness_"))
   run = Run(root, args.steps, random.Random(args.seed))
   reference = kills_and_rerun(run, args.kills)
+  signal_stops(run, reference, args.stops)
   damaged_checkpoints(run, reference)
   nans(run)
   preparation_kills(run, args.prepare_kills)
@@ -247,7 +285,7 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     shutil.rmtree(root, ignore_errors=True)
   return {"date": f"{started:%Y-%m-%d %H:%M} UTC", "minutes": (time.monotonic() - wall) / 60,
           "machine": machine(), "command": "python -m tools.fault_harness " + " ".join(argv),
-          "faults": run.faults, "kills": run.kills}
+          "faults": run.faults, "kills": run.kills, "stops": run.stops}
 
 
 if __name__ == "__main__":
