@@ -148,10 +148,28 @@ def _check_source_rate(path: pathlib.Path, source_rate: int) -> None:
                      f"below {MIN_SOURCE_RATE} Hz are not audio recordings (damaged header?)")
 
 
+# Frames read per call: a damaged header can claim billions of frames, and soundfile sizes its
+# output array by the header, so the file is read in blocks and only what it holds is kept.
+_READ_BLOCK = 1 << 20
+
+
 def _read(path: pathlib.Path, dtype: str, start: int = 0, frames: int = -1) -> np.ndarray:
   """[frames, channels] samples of `path` from frame `start` (only those are held)."""
   try:
-    data, _ = soundfile.read(str(path), dtype=dtype, always_2d=True, start=start, frames=frames)
+    with soundfile.SoundFile(str(path)) as f:
+      if start:
+        f.seek(start)
+      blocks, left = [], frames
+      while left != 0:
+        want = _READ_BLOCK if left < 0 else min(_READ_BLOCK, left)
+        block = f.read(want, dtype=dtype, always_2d=True)
+        if len(block):
+          blocks.append(block)
+          left = left - len(block) if left > 0 else left
+        if len(block) < want:
+          break
+      data = (np.concatenate(blocks) if len(blocks) > 1 else blocks[0] if blocks
+              else np.zeros((0, f.channels), dtype))
   except (soundfile.LibsndfileError, RuntimeError, OSError, ValueError, EOFError) as e:
     raise AudioError(path, "unreadable", f"{type(e).__name__}: {e}") from e
   if data.shape[0] == 0:

@@ -79,6 +79,49 @@ def num_rows(features) -> int:
   return jax.tree.leaves(features)[0].shape[0]
 
 
+class _Structure:
+  """A model's graphdef as a static jit argument: equal structures share compiled code."""
+
+  def __init__(self, graphdef: nnx.GraphDef, cfg: hade.HadeConfig):
+    self.graphdef, self._hash = graphdef, hash(repr(cfg))
+
+  def __hash__(self) -> int:
+    return self._hash
+
+  def __eq__(self, other) -> bool:
+    return (isinstance(other, _Structure) and self._hash == other._hash
+            and self.graphdef == other.graphdef)
+
+
+# Pure functions of (structure, output sharding, weights, inputs), compiled by jax.jit once per
+# structure, mesh and input shape: every Encoder of the same model (the trainer's evaluator, a
+# Hade per loaded checkpoint, evaluation and search) reuses them. Inputs arrive placed (rows
+# split over the mesh, weights replicated); outputs are replicated so every process reads them.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _audio_fn(static: _Structure, out: NamedSharding, state, wave_AxS):
+  features = nnx.merge(static.graphdef, state).encode_audio(wave_AxS)
+  return jax.lax.with_sharding_constraint(features, out)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _text_fn(static: _Structure, out: NamedSharding, state, ids_TxM, mask_TxM):
+  features = nnx.merge(static.graphdef, state).encode_text(ids_TxM, mask_TxM)
+  return jax.lax.with_sharding_constraint(features, out)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _score_fn(static: _Structure, out: NamedSharding, state, a, t):
+  scores_AxT = nnx.merge(static.graphdef, state).score(a, t)["total"]
+  return jax.lax.with_sharding_constraint(scores_AxT, out)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _rerank_fn(static: _Structure, out: NamedSharding, state, a_QxS, t_Qx1):
+  model = nnx.merge(static.graphdef, state)
+  scores_QxS = jax.vmap(lambda a, t: model.score(a, t)["total"][:, 0])(a_QxS, t_Qx1)
+  return jax.lax.with_sharding_constraint(scores_QxS, out)
+
+
 class Encoder:
   """Jitted per-modality encoders and tile scorer over a model, sharded over a 1-D mesh.
 
@@ -94,7 +137,13 @@ class Encoder:
     self.replicated = NamedSharding(self.mesh, P())
     self.graphdef, state = nnx.split(model)
     self.state = jax.device_put(state, self.replicated)
-    self._audio, self._text, self._score, self._rerank = self._compile()
+    # The jitted functions take the weights as an argument, so new weights of the same
+    # structure (`load`, another Encoder of the same model) reuse what compiled.
+    static = _Structure(self.graphdef, model.cfg)
+    self._audio = functools.partial(_audio_fn, static, self.replicated)
+    self._text = functools.partial(_text_fn, static, self.replicated)
+    self._score = functools.partial(_score_fn, static, self.replicated)
+    self._rerank = functools.partial(_rerank_fn, static, self.replicated)
 
   def load(self, model: hade.HadeModel) -> None:
     """Encodes and scores with `model`'s weights from now on (same structure, no recompile)."""
@@ -103,30 +152,6 @@ class Encoder:
       raise ValueError("Encoder.load: the model's structure differs from the one this encoder "
                        "was built for; build a new retrieval.Encoder for it")
     self.state = jax.device_put(state, self.replicated)
-
-  def _compile(self) -> tuple[Callable, Callable, Callable, Callable]:
-    """The jitted (audio, text, score, rerank) functions of (state, inputs)."""
-    graphdef, rep, rows = self.graphdef, self.replicated, self.rows
-
-    def audio_fn(state, wave_AxS):
-      return nnx.merge(graphdef, state).encode_audio(wave_AxS)
-
-    def text_fn(state, ids_TxM, mask_TxM):
-      return nnx.merge(graphdef, state).encode_text(ids_TxM, mask_TxM)
-
-    def score_fn(state, a, t):
-      return nnx.merge(graphdef, state).score(a, t)["total"]
-
-    def rerank_fn(state, a_QxS, t_Qx1):
-      model = nnx.merge(graphdef, state)
-      return jax.vmap(lambda a, t: model.score(a, t)["total"][:, 0])(a_QxS, t_Qx1)
-
-    return (jax.jit(audio_fn, in_shardings=(rep, rows), out_shardings=rep),
-            jax.jit(text_fn, in_shardings=(rep, rows, rows), out_shardings=rep),
-            jax.jit(score_fn, in_shardings=(rep, rows, rep), out_shardings=rep),
-            # Shortlists: [Q, S] rows, S split over the mesh; each query's text is one row.
-            jax.jit(rerank_fn, in_shardings=(rep, NamedSharding(self.mesh, P(None, ROWS)), rep),
-                    out_shardings=rep))
 
   @property
   def num_devices(self) -> int:

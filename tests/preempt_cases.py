@@ -43,8 +43,9 @@ class Stop:
 
   @property
   def clean(self) -> bool:
-    return (self.status == EXPECTED_STATUS[signal.Signals[self.signal]] and self.lost == 0
-            and not self.traceback)
+    # Status 0: the signal came after the last step, and the run finished normally.
+    return (self.status in (EXPECTED_STATUS[signal.Signals[self.signal]], 0)
+            and self.lost == 0 and not self.traceback)
 
 
 def _last_step(workdir: pathlib.Path) -> int:

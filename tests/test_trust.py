@@ -13,7 +13,7 @@ import pytest
 import soundfile
 
 from data_pipelines import audio_io
-from hade_jax import api, data, locking, metrics, paths, search
+from hade_jax import api, data, evaluator, locking, metrics, paths, search
 from hade_jax import eval as hade_eval
 from hade_jax.convert import common as convert_common
 from tests.tiny_train_config import save_random_checkpoint
@@ -75,7 +75,7 @@ def test_eval_nonfinite_embeddings_name_the_clips(model):
       ids, mask, np.arange(3), np.arange(3), ["dog.wav", "rain.wav", "car.wav"],
       ["a dog", "rain", "a car"])
   with pytest.raises(metrics.NonFiniteScoresError, match=r"audio encoder .* 1 of 3 .*rain.wav"):
-    hade_eval.score_split(model.model, split, batch_size=4, tile=4)
+    evaluator.RetrievalEvaluator(batch_size=4, tile=4).scores(model.model, split)
 
 
 # ---------------------------------------------------------------------------------------------
