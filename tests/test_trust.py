@@ -204,9 +204,9 @@ def test_api_crop_of_a_long_file_reads_only_its_frames(tone, crop, rate, monkeyp
   whole = audio_io.decode(tone, rate).samples
   start = 0 if crop == "head" else (len(whole) - num_samples) // 2
   read = []
-  real_read = soundfile.read
-  monkeypatch.setattr(soundfile, "read",
-                      lambda *a, **k: read.append(k.get("frames")) or real_read(*a, **k))
+  real_read = soundfile.SoundFile.read  # audio_io reads in blocks through SoundFile.read
+  monkeypatch.setattr(soundfile.SoundFile, "read", lambda self, frames=-1, *a, **k: read.append(
+      frames) or real_read(self, frames, *a, **k))
   part = audio_io.decode_crop(tone, rate, num_samples, crop)
   # Equal to the whole file decoded then cropped (to one int16 step: rounding after soxr).
   np.testing.assert_allclose(part.samples, whole[start:start + num_samples], atol=1)
