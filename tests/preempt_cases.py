@@ -12,7 +12,6 @@ uninterrupted run (bit-identical, the same clips at every step).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
 import random
@@ -46,20 +45,6 @@ class Stop:
     # Status 0: the signal came after the last step, and the run finished normally.
     return (self.status in (EXPECTED_STATUS[signal.Signals[self.signal]], 0)
             and self.lost == 0 and not self.traceback)
-
-
-def _last_step(workdir: pathlib.Path) -> int:
-  try:
-    lines = (workdir / "batches.jsonl").read_text().splitlines()
-  except FileNotFoundError:
-    return 0
-  steps = []
-  for line in lines:
-    try:
-      steps.append(json.loads(line)["step"])
-    except ValueError:
-      pass  # a line torn by a kill
-  return max(steps, default=0)
 
 
 def signal_once(command: Sequence[str], workdir: pathlib.Path, signum: int,
@@ -106,7 +91,7 @@ def signal_once(command: Sequence[str], workdir: pathlib.Path, signum: int,
       proc.wait()
   steps = fh.finished_steps(workdir / "checkpoints")  # noqa: SLF001
   saved = steps[-1] if steps else 0
-  last = _last_step(workdir)
+  last = fh._last_logged_step(workdir)  # noqa: SLF001
   output = log_path.read_text()
   return Stop(signal.Signals(signum).name, sent - t0, "steps" if new_steps else "startup",
               status, exit_s, last, saved, last - saved, "Traceback" in output, first_step_s)
@@ -114,10 +99,15 @@ def signal_once(command: Sequence[str], workdir: pathlib.Path, signum: int,
 
 def preempt_and_resume(command: Sequence[str], workdir: pathlib.Path, cases: int,
                        rng: random.Random, log_dir: pathlib.Path, env: dict | None = None,
-                       startup_s: float = 20.0) -> tuple[list[Stop], float]:
+                       startup_s: float = 20.0, total_steps: int | None = None
+                       ) -> tuple[list[Stop], float]:
   """`cases` stops by SIGTERM or SIGINT (drawn from `rng`) at a uniform time between half the
   run's startup (`startup_s` at first, then the last restart's time to its first step) and 4 s
   after it, rerunning `command` after each; then runs it to the end.
+
+  With `total_steps`, each signal comes at that time or once the run has started a random number
+  of the steps it has left, whichever is first, so that a fast machine (a warm compilation
+  cache) cannot finish the run before the signal.
 
   Returns:
     (the stops, seconds in all).
@@ -126,8 +116,14 @@ def preempt_and_resume(command: Sequence[str], workdir: pathlib.Path, cases: int
   for i in range(cases):
     signum = rng.choice([signal.SIGTERM, signal.SIGINT])
     at = rng.uniform(0.5, 1.0) * startup_s + rng.uniform(0.0, 4.0)
+    after = None
+    if total_steps is not None:
+      left = total_steps - fh._last_logged_step(workdir)  # noqa: SLF001
+      if left < 2:
+        break
+      after = rng.randint(1, left - 1)
     stop = signal_once(command, workdir, signum, log_dir / f"stop_{i:02d}.log", at_time=at,
-                       env=env)
+                       after_steps=after, env=env)
     if stop is None:
       break
     stops.append(stop)

@@ -117,6 +117,21 @@ def _lines(path: pathlib.Path) -> int:
     return 0
 
 
+def _last_logged_step(workdir: pathlib.Path) -> int:
+  """The newest step any run in `workdir` started (batches.jsonl; 0: none)."""
+  steps = []
+  try:
+    lines = (workdir / "batches.jsonl").read_text().splitlines()
+  except FileNotFoundError:
+    return 0
+  for line in lines:
+    try:
+      steps.append(json.loads(line)["step"])
+    except ValueError:
+      pass  # a line torn by a kill
+  return max(steps, default=0)
+
+
 def _partial_dirs(ckpt_dir: pathlib.Path, since: float) -> list[str]:
   """Orbax temporary step folders created or changed since the wall-clock time `since`."""
   found = []
@@ -137,12 +152,14 @@ def finished_steps(ckpt_dir: pathlib.Path) -> list[int]:
 
 def kill_once(command: Sequence[str], workdir: pathlib.Path, mode: str, rng: random.Random,
               log_path: pathlib.Path, *, startup_s: float, env: dict | None = None,
-              timeout: float = 400) -> Kill | None:
+              timeout: float = 400, steps_left: int | None = None) -> Kill | None:
   """Starts `command` and SIGKILLs it:
     'first step': as soon as it logs its first step;
     'checkpoint write': the moment the 1st-3rd orbax temporary step folder of the run appears
       (sometimes up to 30 ms later);
-    'random': at a uniform time between half its expected startup and 4 s after it.
+    'random': at a uniform time between half its expected startup and 4 s after it, or (given
+      `steps_left`, the steps the run has left) once it has started a random number of them,
+      whichever is first: a fast machine cannot finish the run before the kill.
 
   Returns:
     What the kill left, or None if the run finished first.
@@ -152,6 +169,7 @@ def kill_once(command: Sequence[str], workdir: pathlib.Path, mode: str, rng: ran
   wall0, t0 = time.time(), time.monotonic()
   deadline = t0 + rng.uniform(0.5, 1.0) * startup_s + rng.uniform(0.0, 4.0)
   writes, target = set(), rng.randint(1, 3)
+  step_cap = rng.randint(1, steps_left - 1) if steps_left and steps_left > 1 else None
   first_step_s = None
   with open(log_path, "w") as log:
     proc = subprocess.Popen(command, cwd=ROOT, env=env or train_env(), stdout=log,
@@ -163,7 +181,8 @@ def kill_once(command: Sequence[str], workdir: pathlib.Path, mode: str, rng: ran
         raise TimeoutError(f"{log_path}: not killed within {timeout} s")
       if first_step_s is None and _lines(batches) > lines_before:
         first_step_s = now - t0
-      if mode == "random" and now >= deadline:
+      if mode == "random" and (now >= deadline or (
+          step_cap is not None and _lines(batches) - lines_before >= step_cap)):
         break
       if mode == "first step" and first_step_s is not None:
         break
@@ -200,17 +219,19 @@ def kill_once(command: Sequence[str], workdir: pathlib.Path, mode: str, rng: ran
 
 
 def kill_and_resume(command: Sequence[str], workdir: pathlib.Path, modes: Sequence[str],
-                    rng: random.Random, log_dir: pathlib.Path, env: dict | None = None
-                    ) -> tuple[list[Kill], float]:
-  """Kills `command` once per mode (rerunning it each time), then runs it to the end.
+                    rng: random.Random, log_dir: pathlib.Path, env: dict | None = None,
+                    total_steps: int | None = None) -> tuple[list[Kill], float]:
+  """Kills `command` once per mode (rerunning it each time), then runs it to the end; with
+  `total_steps`, a random kill comes before the run's last step (see `kill_once`).
 
   Returns:
     (the kills, seconds in all).
   """
   start, startup_s, kills = time.monotonic(), 20.0, []
   for i, mode in enumerate(modes):
+    left = None if total_steps is None else total_steps - _last_logged_step(workdir)
     kill = kill_once(command, workdir, mode, rng, log_dir / f"kill_{i:02d}.log",
-                     startup_s=startup_s, env=env)
+                     startup_s=startup_s, env=env, steps_left=left)
     if kill is None:
       break
     kills.append(kill)

@@ -32,7 +32,8 @@ def test_training_killed_three_times_ends_bit_identical(tiny_data, minilm_dir, t
          tmp_path / "reference.log", env=env)
   command = fh.train_command(killed, tiny_data, minilm_dir, **overrides)
   modes = ["first step", "checkpoint write", "random"]
-  kills, _ = fh.kill_and_resume(command, killed, modes, random.Random(0), tmp_path, env=env)
+  kills, _ = fh.kill_and_resume(command, killed, modes, random.Random(0), tmp_path, env=env,
+                                total_steps=8)
   assert [k.mode for k in kills] == modes, kills
   assert kills[0].phase == "before the first checkpoint" and kills[0].checkpoints == [], kills
   assert kills[1].phase == "checkpoint write" and kills[1].partial, kills

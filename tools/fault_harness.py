@@ -100,7 +100,7 @@ def kills_and_rerun(run: Run, kills: int) -> pathlib.Path:
   _, _, ref_s = rh.run(run.command_for(reference), run.logs / "reference.log", env=run.env)
   command = run.command_for(killed)
   done, kill_s = rh.kill_and_resume(command, killed, train_modes(kills, run.rng), run.rng,
-                                    run.logs, env=run.env)
+                                    run.logs, env=run.env, total_steps=run.steps)
   same = rh.assert_same_run(reference, killed, run.steps)
   phases = {p: sum(k.phase == p for k in done) for p in dict.fromkeys(k.phase for k in done)}
   aimed = sum(k.mode == "checkpoint write" for k in done)
@@ -135,7 +135,8 @@ def signal_stops(run: Run, reference: pathlib.Path, stops: int) -> None:
   stopped = run.root / "stopped"
   done, seconds = preempt_cases.preempt_and_resume(
       command(stopped), stopped, stops, run.rng, run.logs, env=run.env,
-      startup_s=probe.first_step_s if probe and probe.first_step_s else 20.0)
+      startup_s=probe.first_step_s if probe and probe.first_step_s else 20.0,
+      total_steps=run.steps)
   same = rh.assert_same_run(reference, stopped, run.steps)
   clean = sum(s.clean for s in done)
   by_signal = ", ".join(f"{sum(s.signal == n for s in done)} {n}" for n in ("SIGTERM", "SIGINT"))
