@@ -73,7 +73,8 @@ def train_command(workdir: pathlib.Path, data_dir: pathlib.Path, tokenizer_dir: 
 
 def train_env(compile_cache: pathlib.Path | None = None) -> dict[str, str]:
   """The subprocesses' environment; with a persistent compilation cache a restart loads the
-  train step (compiled once, by the first run) instead of compiling it for ~20 s again."""
+  train step (compiled once, by the first run) instead of compiling it for ~20 s again. Under
+  pytest the session's cache (tests/conftest.py) is inherited when `compile_cache` is None."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={TRAIN_DEVICES}")
   if compile_cache is not None:

@@ -29,7 +29,7 @@ OVERRIDES = dict(total_steps=STEPS, checkpoint_every_steps=100, keep_checkpoints
 def reference(tiny_data, minilm_dir, tmp_path_factory):
   """An uninterrupted run, and the environment whose compilation cache it filled."""
   tmp = tmp_path_factory.mktemp("preempt_reference")
-  env = fh.train_env(tmp / "compile_cache")
+  env = fh.train_env()
   workdir = tmp / "reference"
   fh.run(fh.train_command(workdir, tiny_data, minilm_dir, **OVERRIDES), tmp / "reference.log",
          env=env, timeout=1800)

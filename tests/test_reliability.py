@@ -27,7 +27,7 @@ from tests import reliability_helpers as fh  # the fault functions (fh: fault he
 def test_training_killed_three_times_ends_bit_identical(tiny_data, minilm_dir, tmp_path):
   overrides = dict(total_steps=8, checkpoint_every_steps=1, keep_checkpoints=3)
   reference, killed = tmp_path / "reference", tmp_path / "killed"
-  env = fh.train_env(tmp_path / "compile_cache")  # restarts load the compiled step
+  env = fh.train_env()  # the session's compilation cache: restarts load the step
   fh.run(fh.train_command(reference, tiny_data, minilm_dir, **overrides),
          tmp_path / "reference.log", env=env)
   command = fh.train_command(killed, tiny_data, minilm_dir, **overrides)
