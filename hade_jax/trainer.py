@@ -203,8 +203,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                create_model, resolved=dict(config_dict, total_steps_resolved=total_steps))
 
   # == Restore ================================================================================
-  ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints,
-                                 best_metric=config.best_metric or None)
+  frozen_groups = set(optim.optim_config(config.optim).frozen)
+  ckpt = checkpoints.Checkpoints(
+      workdir, keep=config.keep_checkpoints, best_metric=config.best_metric or None,
+      frozen_params=jax.tree.map(lambda group: group in frozen_groups,
+                                 optim.group_labels(abstract_params, config.optim.groups)))
   _check_config_change(ckpt, config_dict, config)
   restored = ckpt.restore_latest(run.abstract_state, train_iter.checkpointable)
   start_step, state, counters = _restore_or_init(run, ckpt, restored)

@@ -62,12 +62,14 @@ def prepare_tiny(data_dir: pathlib.Path) -> pathlib.Path:
 
 
 def train_command(workdir: pathlib.Path, data_dir: pathlib.Path, tokenizer_dir: pathlib.Path,
-                  **overrides: Any) -> list[str]:
-  """`python -m hade_jax.train` on the tiny config, logging each step's clip ids."""
+                  variant: str = "", **overrides: Any) -> list[str]:
+  """`python -m hade_jax.train` on the tiny config (`variant`: see its `get_config`), logging
+  each step's clip ids."""
   settings = {"data.data_dir": data_dir, "data.tokenizer_dir": tokenizer_dir,
               "log_batch_ids": True, "final_eval_split": "", "best_metric": "",
               "eval_every_steps": 0} | overrides
-  return [sys.executable, "-m", "hade_jax.train", f"--config={ROOT}/tests/tiny_train_config.py",
+  config = f"{ROOT}/tests/tiny_train_config.py" + (f":{variant}" if variant else "")
+  return [sys.executable, "-m", "hade_jax.train", f"--config={config}",
           f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in settings.items()]
 
 

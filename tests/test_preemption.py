@@ -16,13 +16,16 @@ import time
 
 import pytest
 
-from hade_jax import trainer
+from hade_jax import checkpoints, trainer
 from tests import preempt_cases
 from tests import reliability_helpers as fh
 from tests.tiny_train_config import tiny_config
 
 STEPS = 8
-OVERRIDES = dict(total_steps=STEPS, checkpoint_every_steps=100, keep_checkpoints=3)
+# The text tower is frozen, so every stop and resume also goes through the frozen store
+# (hade_jax/checkpoints/frozen.py).
+OVERRIDES = dict(variant="frozen_text", total_steps=STEPS, checkpoint_every_steps=100,
+                 keep_checkpoints=3)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +60,10 @@ def test_sigterm_and_sigint_save_the_step_exit_cleanly_and_resume_bit_identical(
   same = fh.assert_same_run(reference_dir, workdir, STEPS)
   assert same["leftover_partial"] == []
   _assert_steps_increase(workdir)
+  # The frozen text tower was stored once, not in the steps, and filled back on resume.
+  meta = checkpoints.read_meta(workdir / "checkpoints" / str(STEPS))
+  assert meta["frozen"]["names"] and all(n.startswith("params/text_encoder/")
+                                         for n in meta["frozen"]["names"])
 
 
 def test_second_signal_exits_at_once_without_saving(tmp_path):

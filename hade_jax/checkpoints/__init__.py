@@ -3,9 +3,11 @@
 Layout of a workdir:
   checkpoints/<step>/{state, data, config, meta}   the last `keep` steps (every process writes)
   best/<step>/{state, config, meta}                the best step by the validation metric
+  frozen/{state, meta.json}                        frozen parameters, stored once (`frozen`)
 
   paths       where a checkpoint is (`step_dir`), its saved config (`saved_config`)
   integrity   the checksums saved in `meta` and the check (`verify`); no file access
+  frozen      a frozen group's arrays, written once per workdir and filled back on every read
   store       the orbax managers (`Checkpoints`: save, restore for training) and the one
               verified reader (`load` for inference, `read_state`, `restore_state`)
 

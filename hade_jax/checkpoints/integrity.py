@@ -90,11 +90,12 @@ def state_checksums(state: Any) -> dict[str, str]:
   mesh = next((x.sharding.mesh for _, x in leaves
                if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)), None)
   sums = jax.device_get(_checksum_fn(mesh)([x for _, x in leaves]))
-  return {_path_name(path): f"0x{int(v):08x}"
+  return {path_name(path): f"0x{int(v):08x}"
           for (path, _), v in zip(leaves, sums, strict=True)}
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
+  """A pytree key path as 'a/b/0': key names only (see `state_checksums`)."""
   names = []
   for k in path:
     for attr in ("key", "name", "idx"):

@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from hade_jax.checkpoints import integrity, paths
+from hade_jax.checkpoints import frozen, integrity, paths
 
 log = logging.getLogger("hade_jax.checkpoints")
 
@@ -43,9 +43,16 @@ class Checkpoints:
   """The last-N manager and the best-by-metric manager of one workdir."""
 
   def __init__(self, workdir: str | pathlib.Path, *, keep: int, best_metric: str | None,
-               best_mode: str = "max"):
+               best_mode: str = "max", frozen_params: Any = None):
+    """
+    Args:
+      frozen_params: a pytree of bools shaped like the parameters: the True leaves never
+        change in this run and are stored once, in `<workdir>/frozen` (see `frozen`).
+    """
     workdir = pathlib.Path(workdir).absolute()
+    self.workdir = workdir
     self.best_metric = best_metric
+    self._frozen = frozen.names(frozen_params) if frozen_params is not None else frozenset()
     self.last = ocp.CheckpointManager(
         workdir / "checkpoints",
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -74,7 +81,7 @@ class Checkpoints:
       counters: small JSON values saved with the step (e.g. skipped steps), returned by
         `restore_latest`.
     """
-    meta = integrity.make_meta(state, config, counters)
+    state, meta = self._stub(state, config, counters)
     args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
     if data_iter is not None:
       import grain.python as grain  # only a training run saves an iterator
@@ -91,15 +98,24 @@ class Checkpoints:
     if step in self.best.all_steps():  # a resumed run repeating the evaluation of its step
       return False
     previous = self.best.best_step()
+    state, meta = self._stub(state, config, None)
     self.best.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config),
-        meta=ocp.args.JsonSave(integrity.make_meta(state, config, None))),
+        meta=ocp.args.JsonSave(meta)),
         metrics={k: float(v) for k, v in metrics.items()})
     self.best.wait_until_finished()
     return self.best.best_step() != previous and self.best.best_step() == step
 
   def latest_step(self) -> int | None:
     return self.last.latest_step()
+
+  def _stub(self, state: Any, config: dict, counters: dict | None) -> tuple[Any, dict]:
+    """(what a step saves of `state`, its meta): frozen leaves go to the workdir's store."""
+    if not self._frozen:
+      return state, integrity.make_meta(state, config, counters)
+    frozen_meta = frozen.save_once(self.workdir, state, self._frozen)
+    state = frozen.stub(state, self._frozen)
+    return state, integrity.make_meta(state, config, counters) | {"frozen": frozen_meta}
 
   def step_dir(self, step: int) -> pathlib.Path:
     """The directory of `step` of the last-N manager."""
@@ -225,9 +241,15 @@ def _read_verified(step_dir: pathlib.Path, target: Any, *, partial: bool) -> tup
   """(state, meta): the arrays restored and checked against their checksums, agreed by all
   processes (they must reach the collective checksum computation together)."""
   meta = _agreed(lambda: paths.read_meta(step_dir))
-  state = _agreed(lambda: _restore_arrays(step_dir / "state", target, partial=partial))
+  frozen_meta = (meta or {}).get("frozen")
+  stubbed = target
+  if frozen_meta and target is not None:
+    stubbed = frozen.stub(target, set(frozen_meta["names"]))
+  state = _agreed(lambda: _restore_arrays(step_dir / "state", stubbed, partial=partial))
   if meta is not None:
     _agreed(lambda: integrity.verify(step_dir, meta, state=state, partial=partial))
+  if frozen_meta:
+    state = _agreed(lambda: frozen.fill(state, step_dir, frozen_meta, target))
   return state, meta
 
 
