@@ -153,9 +153,9 @@ class Engine:
     for shortlist in sorted({j.payload[2] for j in batch}):
       group = [i for i, j in enumerate(batch) if j.payload[2] == shortlist]
       k = max(batch[i].payload[1] for i in group)
-      # Padded to a power of two (repeating the last query): a handful of compiled shapes
-      # serve every batch size.
-      size = next(b for b in _BUCKETS if b >= len(group))
+      # Padded (repeating the last query) to 1, 2 or a multiple of 4: a few compiled shapes
+      # serve every batch size, and at most 3 padded queries are scored for nothing.
+      size = _padded(len(group))
       sub = _rows_of(text, group + [group[-1]] * (size - len(group)))
       result = self.searcher.search(sub, k, shortlist)
       for g, i in enumerate(group):
@@ -291,12 +291,12 @@ class Engine:
     """Compiles the default search for each padded batch size (a first user would otherwise
     wait for the compiler)."""
     text = self.hade.embed_text(["warm up"])
-    for q in _BUCKETS:
-      if q <= self.limits.max_batch:
-        self.searcher.search(_rows_of(text, [0] * q), 1, self.limits.default_shortlist)
+    for q in sorted({_padded(n) for n in range(1, self.limits.max_batch + 1)}):
+      self.searcher.search(_rows_of(text, [0] * q), 1, self.limits.default_shortlist)
 
 
-_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+def _padded(n: int) -> int:
+  return n if n <= 2 else -(-n // 4) * 4
 
 
 def _ms(t0: float) -> float:

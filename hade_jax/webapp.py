@@ -4,7 +4,7 @@
   GET  /api/search?q=&k=&offset=&shortlist=   text -> clips
   GET  /api/similar?clip=&k=&offset=          more like a clip (global-embedding cosine)
   POST /api/upload?k=&offset=  (multipart 'file')  search by an example clip
-  GET  /api/info               the index: clips, model, limits
+  GET  /api/info               the index: its name, clips, the limits
   GET  /audio/{clip}           the clip's file (HTTP range requests: browsers seek with them)
   GET  /thumbnail/{clip}       its spectrogram (PNG, rendered once)
   GET  /docs, /openapi.json    the framework's API documentation
@@ -41,7 +41,7 @@ def create_app(engine: serving.Engine) -> fastapi.FastAPI:
   """The app serving `engine`'s index."""
   app = fastapi.FastAPI(title="hade_jax search",
                         description=f"Text-to-audio search over {len(engine.index)} clips "
-                        f"of {engine.index.path}.", version="1")
+                        f"(index {engine.index.path.name}).", version="1")
   _add_error_handlers(app)
   _add_api(app, engine)
   _add_files(app, engine)
@@ -113,9 +113,8 @@ def _add_api(app: fastapi.FastAPI, engine: serving.Engine) -> None:
 
   @app.get("/api/info")
   def info() -> dict:
-    """The index served, its model and the limits of a request."""
-    return {"clips": len(engine.index), "index": str(engine.index.path),
-            "checkpoint": engine.hade.checkpoint, "limits": {
+    """The index served (by folder name: no server paths are shown) and the limits."""
+    return {"clips": len(engine.index), "index": engine.index.path.name, "limits": {
                 "max_query_chars": limits.max_query_chars, "max_k": limits.max_k,
                 "max_results": limits.max_results, "shortlists": list(limits.shortlists),
                 "default_shortlist": limits.default_shortlist,

@@ -15,15 +15,13 @@ import soundfile
 from starlette import testclient
 
 from hade_jax import cli, search, serve, serving, thumbnails, webapp
-from tests import serve_helpers
 
 QUERY = "a dog barks"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, shared_data, minilm_dir):
-  model, index = serve_helpers.indexed_folder(tmp_path_factory.mktemp("serve"), shared_data,
-                                              minilm_dir, count=12)
+def served(served_folder):
+  model, index = served_folder
   engine = serving.Engine(model, index, serving.Limits(max_upload_bytes=400_000,
                                                        max_upload_seconds=6.0))
   yield model, index, engine, testclient.TestClient(webapp.create_app(engine),
@@ -66,7 +64,7 @@ def test_audio_is_served_with_ranges_and_only_by_clip_id(served):
   part = client.get("/audio/1", headers={"Range": "bytes=100-199"})
   assert part.status_code == 206 and part.content == data[100:200]
   assert part.headers["content-range"] == f"bytes 100-199/{len(data)}"
-  for path in ("/audio/12", "/audio/-1", "/audio/1.0", "/audio/%2Fetc%2Fpasswd",
+  for path in ("/audio/20", "/audio/-1", "/audio/1.0", "/audio/%2Fetc%2Fpasswd",
                "/audio/..%2F..%2Fetc%2Fpasswd", "/audio/../../etc/passwd", "/etc/passwd",
                "/audio/%C2%B2", "/thumbnail/..%2Fx"):
     response = client.get(path)

@@ -19,7 +19,6 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from hade_jax import serve
-from tests import serve_helpers
 
 SCREENSHOT = pathlib.Path(__file__).resolve().parents[1] / "docs" / "images" / "serve.png"
 QUERY = "a dog barks"
@@ -32,10 +31,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, shared_data, minilm_dir):
+def server(served_folder):
   """(base url, model, index): the app `hade_jax.serve` builds, served by uvicorn."""
-  model, index = serve_helpers.indexed_folder(tmp_path_factory.mktemp("browser"), shared_data,
-                                              minilm_dir, count=20)
+  model, index = served_folder
   app, engine = serve.build_app(str(index.path), warm_up=False)
   port = _free_port()
   server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
