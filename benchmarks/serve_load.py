@@ -187,7 +187,7 @@ def table(res: dict) -> str:
     lines.append(f"| {r['index']} | {res['clips'][r['index']]:,} | {r['clients']} | "
                  f"{r['answered']} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | "
                  f"{r['qps']:.1f} | {r['mean_batch']:.1f} |")
-  return "\n".join(lines)
+  return "\n".join(lines) + "\n"
 
 
 def main(argv=None):

@@ -89,7 +89,7 @@ async function run(what) {
 async function init() {
   try {
     const info = await callApi("/api/info");
-    $("corpus").textContent = `${info.clips} clips in ${info.index}`;
+    $("corpus").textContent = `${info.clips} clips (index "${info.index}")`;
     $("query").maxLength = info.limits.max_query_chars;
     for (const size of info.limits.shortlists) {
       const option = new Option(`${size} clips`, size, false, size === info.limits.default_shortlist);
