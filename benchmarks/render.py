@@ -509,6 +509,10 @@ def tables(results: dict[str, dict], targets: list[dict] | None = None) -> dict[
             "eval_search/search": search_table(evals)}
   if "real_recall" in results:
     out["real_recall/recall"] = recall_table(results["real_recall"])
+  if "serve_load" in results:
+    from benchmarks import serve_load  # the load test owns its table
+
+    out["serve_load/latency"] = serve_load.table(results["serve_load"])
   return out
 
 

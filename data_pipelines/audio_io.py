@@ -142,6 +142,14 @@ def _info(path: pathlib.Path):
   return info
 
 
+def duration_seconds(path: os.PathLike | str) -> float:
+  """A file's duration from its header (frames / rate); AudioError as `decode`."""
+  path = pathlib.Path(path)
+  info = _info(path)
+  _check_source_rate(path, info.samplerate)
+  return info.frames / info.samplerate
+
+
 def _check_source_rate(path: pathlib.Path, source_rate: int) -> None:
   if source_rate < MIN_SOURCE_RATE:
     raise AudioError(path, "unsupported_rate", f"the header says {source_rate} Hz; rates "

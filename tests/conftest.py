@@ -52,6 +52,16 @@ def tiny_data(tmp_path_factory) -> pathlib.Path:
   return data_dir
 
 
+@pytest.fixture(scope="session")
+def served_folder(tmp_path_factory, shared_data, minilm_dir):
+  """(model, index) of 20 real ESC-50 clips with the tiny random HADE, built once for the
+  serve tests (tests/serve_helpers.py)."""
+  from tests import serve_helpers
+
+  return serve_helpers.indexed_folder(tmp_path_factory.mktemp("served"), shared_data,
+                                      minilm_dir, count=20)
+
+
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if _OWN_CACHE:

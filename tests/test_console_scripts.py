@@ -13,7 +13,8 @@ import setuptools
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPECTED = {"hade-train": "hade_jax.train", "hade-eval": "hade_jax.eval",
-            "hade-search": "hade_jax.search", "hade-prepare": "data_pipelines.prepare"}
+            "hade-search": "hade_jax.search", "hade-prepare": "data_pipelines.prepare",
+            "hade-serve": "hade_jax.serve"}
 
 
 def console_scripts(monkeypatch) -> dict[str, str]:
@@ -29,7 +30,7 @@ def console_scripts(monkeypatch) -> dict[str, str]:
   return out
 
 
-def test_console_scripts_are_the_four_commands(monkeypatch):
+def test_console_scripts_are_the_expected_commands(monkeypatch):
   scripts = console_scripts(monkeypatch)
   assert {k: v.partition(":")[0] for k, v in scripts.items()} == EXPECTED
 
