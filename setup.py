@@ -37,6 +37,7 @@ setuptools.setup(
             "hade-eval = hade_jax.eval:run",
             "hade-search = hade_jax.search:run",
             "hade-prepare = data_pipelines.prepare:run",
+            "hade-classify = hade_jax.classify:run",
         ],
     },
     extras_require={
