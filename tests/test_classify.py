@@ -106,13 +106,14 @@ def clips(tmp_path_factory) -> list[str]:
 
 def test_classify_is_the_mean_over_templates_of_hand_scored_prompts(hade, clips):
   ranked = hade.classify(clips, LABELS, templates=TEMPLATES)
-  # By hand: each prompt embedded on its own, scored by the untiled model, averaged in a loop.
+  # By hand: the prompts written out, scored by the untiled model, averaged in a loop.
   audio = hade.embed_audio(clips)
+  texts = [(j, t.replace("{}", label.replace("_", " ")))
+           for j, label in enumerate(LABELS) for t in TEMPLATES]
+  scores_AxT = retrieval.score_untiled(hade.model, audio, hade.embed_text([t for _, t in texts]))
   expected_AxL = np.zeros((len(clips), len(LABELS)))
-  for j, label in enumerate(LABELS):
-    for template in TEMPLATES:
-      text = hade.embed_text([template.replace("{}", label.replace("_", " "))])
-      expected_AxL[:, j] += retrieval.score_untiled(hade.model, audio, text)[:, 0] / len(TEMPLATES)
+  for column, (j, _) in enumerate(texts):
+    expected_AxL[:, j] += scores_AxT[:, column] / len(TEMPLATES)
   scale = float(hade.model.heads.logit_scale_value())
   for a, clip_ranking in enumerate(ranked):
     assert [s.label for s in clip_ranking] == [LABELS[j] for j in
