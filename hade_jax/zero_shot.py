@@ -24,11 +24,11 @@ Legend: A: clips, L: labels, P: templates (prompts per label), T: texts (L * P).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from hade_jax import hade, metrics, retrieval, tokenizer
+from hade_jax import hade, metrics, retrieval
 from hade_jax import heads as hade_heads
 
 # The default prompt templates: the one list every entry point uses. The first is LAION-CLAP's
@@ -42,6 +42,8 @@ DEFAULT_TEMPLATES = (
 )
 PLACEHOLDER = "{}"
 RANK_ORDER = "labels by descending score; equal scores: the label given first first"
+# texts -> (ids [T, M], mask [T, M]), e.g. a `tokenizer.Tokenizer` of the text tower.
+Tokenize = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,14 +125,14 @@ def _encoder(model_or_encoder: hade.HadeModel | retrieval.Encoder) -> retrieval.
 
 
 def label_scores(model_or_encoder: hade.HadeModel | retrieval.Encoder,
-                 tokenize: tokenizer.Tokenizer, audio: hade_heads.AudioFeatures,
+                 tokenize: Tokenize, audio: hade_heads.AudioFeatures,
                  labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES, *,
                  batch_size: int = 64, tile: int = 256) -> np.ndarray:
   """[A, L] ensembled full HADE scores of every clip for every label.
 
   Args:
     model_or_encoder: a HadeModel, or a `retrieval.Encoder` (reused: nothing compiles again).
-    tokenize: the text tower's tokenizer (`tokenizer.Tokenizer`).
+    tokenize: the text tower's tokenizer (`tokenizer.Tokenizer`, or any `Tokenize`).
     audio: the clips' cached features (`Hade.embed_audio`, `Encoder.audio`).
     labels: class labels (unique, non-empty).
     templates: prompt templates, each with one '{}' (default `DEFAULT_TEMPLATES`).
@@ -156,9 +158,11 @@ def rank(scores_AxL: np.ndarray, labels: Sequence[str], logit_scale: float,
          top_k: int | None = None) -> list[list[LabelScore]]:
   """Per clip, its labels ranked (`RANK_ORDER`) with scores and probabilities; the first
   `top_k` (default: all)."""
+  if top_k is not None and (isinstance(top_k, bool) or int(top_k) < 1):
+    raise ValueError(f"top_k={top_k!r}: give a number of labels of at least 1, or None for all")
   scores_AxL = np.asarray(scores_AxL)
   prob_AxL = probabilities(scores_AxL, logit_scale)
-  k = len(labels) if top_k is None else max(0, min(int(top_k), len(labels)))
+  k = len(labels) if top_k is None else min(int(top_k), len(labels))
   # A stable sort of the negated scores keeps the given label order among equal scores.
   order_AxL = np.argsort(-scores_AxL, axis=1, kind="stable")[:, :k]
   return [[LabelScore(labels[j], float(scores_AxL[a, j]), float(prob_AxL[a, j]))
@@ -166,7 +170,7 @@ def rank(scores_AxL: np.ndarray, labels: Sequence[str], logit_scale: float,
 
 
 def zero_shot_metrics(model_or_encoder: hade.HadeModel | retrieval.Encoder,
-                      tokenize: tokenizer.Tokenizer, audio: hade_heads.AudioFeatures,
+                      tokenize: Tokenize, audio: hade_heads.AudioFeatures,
                       label_names: Sequence[str], clip_labels_A: Sequence[int],
                       templates: Sequence[str] = DEFAULT_TEMPLATES, *, batch_size: int = 64,
                       tile: int = 256) -> dict[str, float]:
@@ -175,7 +179,8 @@ def zero_shot_metrics(model_or_encoder: hade.HadeModel | retrieval.Encoder,
   Args:
     model_or_encoder: a HadeModel or the evaluator's `retrieval.Encoder` (already loaded with
       the weights to evaluate).
-    tokenize: the text tower's tokenizer (config.data.tokenizer_dir, config.data.max_text_len).
+    tokenize: the text tower's tokenizer, e.g. `tokenizer.Tokenizer(config.data.tokenizer_dir,
+      config.data.max_text_len)`.
     audio: the split's audio features, one row per clip ([A] rows, as `Encoder.audio_batches`).
     label_names: the L class names (their order defines the class indices).
     clip_labels_A: each clip's class index into `label_names`.

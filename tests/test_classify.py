@@ -26,6 +26,16 @@ def test_prompts_are_label_major_with_underscores_read_as_spaces():
   np.testing.assert_allclose(zero_shot.ensemble(scores_AxT, 2, 2), [[2.0, 15.0]])
 
 
+def test_rank_orders_by_score_then_given_label_order():
+  scores_AxL = np.array([[0.2, 0.5, 0.5, 0.1]])
+  ranked = zero_shot.rank(scores_AxL, ["a", "b", "c", "d"], logit_scale=10.0, top_k=3)[0]
+  assert [s.label for s in ranked] == ["b", "c", "a"]  # b and c tie: the order given
+  z = np.exp(10.0 * (scores_AxL[0] - 0.5))
+  np.testing.assert_allclose([s.probability for s in ranked], (z / z.sum())[[1, 2, 0]])
+  with pytest.raises(ValueError, match="top_k=0"):
+    zero_shot.rank(scores_AxL, ["a", "b", "c", "d"], logit_scale=10.0, top_k=0)
+
+
 @pytest.mark.parametrize(("templates", "match"), [
     ([], "no templates"), ([""], "template 1 of 1 is empty"),
     (["A {}.", "   "], "template 2 of 2 is empty"), (["no placeholder"], "holds 0"),
