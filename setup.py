@@ -39,6 +39,7 @@ setuptools.setup(
             "hade-search = hade_jax.search:run",
             "hade-serve = hade_jax.serve:run",
             "hade-prepare = data_pipelines.prepare:run",
+            "hade-classify = hade_jax.classify:run",
         ],
     },
     extras_require={

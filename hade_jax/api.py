@@ -7,6 +7,7 @@
   texts = hade.embed_text(["a dog barks", "rain on a roof"])
   scores_AxT = hade.score(clips, texts)                 # the full HADE score of every pair
   hits = hade.search(["a dog barks"], api.MemoryIndex(clips, ["a.wav", "b.flac"]), k=5)
+  ranked = hade.classify(["a.wav"], ["dog", "rain", "siren"])  # zero-shot: hade_jax/zero_shot.py
 
 Audio is made to look exactly like evaluation input (`input_pipeline`): decoded to mono at the
 model's rate (`data_pipelines.audio_io`: downmix, soxr resampling, int16), then ONE crop of
@@ -34,7 +35,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from data_pipelines import audio_io, policy
-from hade_jax import checkpoints, hade, metrics, retrieval, tokenizer, validation
+from hade_jax import checkpoints, hade, metrics, retrieval, tokenizer, validation, zero_shot
 from hade_jax import heads as hade_heads
 
 MemoryIndex = retrieval.MemoryIndex
@@ -390,3 +391,39 @@ class Hade:
     return [[Hit(names[r] if names is not None else str(r), float(s), int(r))
              for r, s in zip(rows, scores, strict=True)]
             for rows, scores in zip(result.rows_QxK, result.scores_QxK, strict=True)]
+
+  # -- zero-shot classification ----------------------------------------------------------------
+
+  def label_scores(self, audio: hade_heads.AudioFeatures, labels: Sequence[str],
+                   templates: Sequence[str] = zero_shot.DEFAULT_TEMPLATES) -> np.ndarray:
+    """[A, L] prompt-ensembled full HADE scores of embedded clips for labels
+    (`zero_shot.label_scores`: every label in every template, the mean over templates)."""
+    return zero_shot.label_scores(self.encoder, self.tokenizer, audio, labels, templates,
+                                  batch_size=self.batch_size, tile=self.tile)
+
+  def classify(self, audio: AudioItem | Sequence[AudioItem] | hade_heads.AudioFeatures,
+               labels: Sequence[str], *,
+               templates: Sequence[str] = zero_shot.DEFAULT_TEMPLATES,
+               top_k: int | None = None, sample_rate: int | None = None
+               ) -> list[list[zero_shot.LabelScore]]:
+    """Zero-shot classification: per clip, the labels ranked best first with their scores.
+
+    Args:
+      audio: what `embed_audio` accepts (paths, arrays with `sample_rate`), or features it
+        returned (embed once, classify with several label sets).
+      labels: class labels (unique, non-empty); '_' reads as a space in the prompts.
+      templates: prompt templates with one '{}' each (default `zero_shot.DEFAULT_TEMPLATES`).
+      top_k: labels kept per clip (default: all).
+      sample_rate: the arrays' rate (as `embed_audio`).
+
+    Returns:
+      One list of `zero_shot.LabelScore` (label, score, probability) per clip, in input order,
+      ranked by `zero_shot.RANK_ORDER`.
+    """
+    labels = zero_shot.check_labels(labels)  # before any audio is decoded
+    templates = zero_shot.check_templates(templates)
+    if not isinstance(audio, hade_heads.AudioFeatures):
+      audio = self.embed_audio(audio, sample_rate=sample_rate)
+    scores_AxL = self.label_scores(audio, labels, templates)
+    scale = float(self.model.heads.logit_scale_value())
+    return zero_shot.rank(scores_AxL, labels, scale, top_k)

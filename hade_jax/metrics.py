@@ -247,3 +247,65 @@ def t2a_from_ranks(ranks_T: np.ndarray) -> dict[str, float]:
   out = {f"R@{k}": float(100.0 * np.mean(r_T <= k)) for k in KS}
   out["mAP@10"] = float(100.0 * np.mean(np.where(r_T <= 10, 1.0 / r_T, 0.0)))
   return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-shot classification: clips x classes.
+
+ZERO_SHOT_KS = (1, 5)
+CLASS_TIE_RULE = ("rank of the true class = 1 + number of other classes with a strictly "
+                  "greater score (ties favour the true class, as TIE_RULE)")
+
+
+def class_ranks(scores_AxL: np.ndarray, true_A: np.ndarray) -> np.ndarray:
+  """[A] rank of each clip's true class among the L classes (`CLASS_TIE_RULE`).
+
+  Raises:
+    NonFiniteScoresError: a score is NaN or Inf (it would rank first).
+    ValueError: the shapes disagree or a true class index is outside [0, L).
+  """
+  scores_AxL = np.asarray(scores_AxL)
+  true_A = np.asarray(true_A)
+  if scores_AxL.ndim != 2 or true_A.shape != scores_AxL.shape[:1]:
+    raise ValueError(f"expected scores [clips, classes] and one true class per clip, got "
+                     f"scores {scores_AxL.shape} and classes {true_A.shape}")
+  if not len(true_A) or not scores_AxL.shape[1]:
+    raise ValueError(f"no clips or no classes to measure (scores {scores_AxL.shape})")
+  if not np.issubdtype(true_A.dtype, np.integer):
+    raise ValueError(f"true classes must be integer indices, got dtype {true_A.dtype}")
+  bad = np.flatnonzero((true_A < 0) | (true_A >= scores_AxL.shape[1]))
+  if len(bad):
+    raise ValueError(f"{len(bad)} clips have a class index outside [0, {scores_AxL.shape[1]}) "
+                     f"(first: clip {int(bad[0])}, class {int(true_A[bad[0]])})")
+  check_finite_scores(scores_AxL)
+  true_scores_A = scores_AxL[np.arange(len(true_A)), true_A]
+  return 1 + (scores_AxL > true_scores_A[:, None]).sum(1)
+
+
+def zero_shot_accuracy(scores_AxL: np.ndarray, true_A: np.ndarray,
+                       class_names: list[str] | None = None) -> dict[str, float]:
+  """Top-1 / top-5 accuracy (percent) and the accuracy of each class.
+
+  Args:
+    scores_AxL: clips x classes, higher = more likely.
+    true_A: each clip's class index.
+    class_names: the L names used in 'zero_shot/per_class/<name>' (default: the indices).
+
+  Returns:
+    'zero_shot/top1', 'zero_shot/top5' (over clips), 'zero_shot/mean_per_class' (the mean of
+    the per-class top-1 accuracies: balanced accuracy) and 'zero_shot/per_class/<name>' (top-1
+    accuracy over the clips of that class; classes without clips are left out).
+  """
+  ranks_A = class_ranks(scores_AxL, true_A)
+  true_A = np.asarray(true_A)
+  num_classes = np.shape(scores_AxL)[1]
+  names = [str(i) for i in range(num_classes)] if class_names is None else list(class_names)
+  if len(names) != num_classes:
+    raise ValueError(f"{len(names)} class names for {num_classes} score columns")
+  out = {f"zero_shot/top{k}": float(100.0 * np.mean(ranks_A <= k)) for k in ZERO_SHOT_KS}
+  per_class = {}
+  for c in np.unique(true_A):
+    per_class[names[c]] = float(100.0 * np.mean(ranks_A[true_A == c] <= 1))
+  out["zero_shot/mean_per_class"] = float(np.mean(list(per_class.values())))
+  out |= {f"zero_shot/per_class/{name}": v for name, v in per_class.items()}
+  return out
