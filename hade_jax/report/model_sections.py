@@ -96,8 +96,9 @@ def _fill_confidence(section: page.Section, model: hade.HadeModel, view: SplitVi
   section.notes.append(
       f"c_k(a, t) of the {view.split} split ({view.num_clips} clips): all "
       f"{len(view.matched_PxK)} matched pairs (each caption with its clip), mean "
-      f"{view.matched_PxK.mean():.3f}; {len(view.unmatched_PxK)} unmatched pairs drawn at "
-      f"random (seed {SAMPLE_SEED}), mean {view.unmatched_PxK.mean():.3f}. "
+      f"{view.matched_PxK.mean():.3f}; {len(view.unmatched_PxK)} unmatched pairs (all of "
+      f"them up to {MAX_UNMATCHED_PAIRS}, else that many drawn at random, seed {SAMPLE_SEED}), "
+      f"mean {view.unmatched_PxK.mean():.3f}. "
       f"confidence_norm={model.heads.cfg.confidence_norm!r}.")
 
 
@@ -193,15 +194,18 @@ def view_split(model: hade.HadeModel, config: ml_collections.ConfigDict, split_n
 
 
 def _confidences(model, a_AxKxd, t_TxKxd, caption_clip_T):
-  """(matched [T, K], unmatched [P, K]) confidences; the unmatched pairs are sampled."""
+  """(matched [T, K], unmatched [P, K]) confidences; the unmatched pairs are all the others
+  when they are few, else `MAX_UNMATCHED_PAIRS` of them drawn without replacement."""
   a_AxKxd, t_TxKxd = np.asarray(a_AxKxd), np.asarray(t_TxKxd)
   matched = pair_confidence(model, a_AxKxd[caption_clip_T], t_TxKxd)
-  rng = np.random.default_rng(SAMPLE_SEED)
   num_a, num_t = len(a_AxKxd), len(t_TxKxd)
-  clip_P = rng.integers(0, num_a, MAX_UNMATCHED_PAIRS)
-  text_P = rng.integers(0, num_t, MAX_UNMATCHED_PAIRS)
-  keep = clip_P != caption_clip_T[text_P]
-  unmatched = pair_confidence(model, a_AxKxd[clip_P[keep]], t_TxKxd[text_P[keep]])
+  is_gt_P = (np.arange(num_a)[:, None] == caption_clip_T[None, :]).ravel()  # [A * T]
+  pairs_P = np.flatnonzero(~is_gt_P)
+  if len(pairs_P) > MAX_UNMATCHED_PAIRS:
+    rng = np.random.default_rng(SAMPLE_SEED)
+    pairs_P = np.sort(rng.choice(pairs_P, MAX_UNMATCHED_PAIRS, replace=False))
+  clip_P, text_P = np.divmod(pairs_P, num_t)
+  unmatched = pair_confidence(model, a_AxKxd[clip_P], t_TxKxd[text_P])
   return matched, unmatched
 
 

@@ -10,6 +10,7 @@ import base64
 import io
 
 import numpy as np
+from matplotlib import ticker
 from matplotlib.figure import Figure
 
 _DPI = 110
@@ -32,6 +33,7 @@ def _plot_lines(ax, series: dict[str, tuple[np.ndarray, np.ndarray]], strip: str
     ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3,
             label=name.removeprefix(strip))
   ax.set_xlabel("step")
+  ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
   ax.grid(alpha=0.3)
   if series:
     ax.legend(fontsize="small")
@@ -54,8 +56,10 @@ def validation_recalls(recalls: dict) -> bytes:
   fig = Figure(figsize=(_WIDTH, 3.4))
   axes = fig.subplots(1, 2, sharey=True)
   for ax, direction in zip(axes, ("t2a", "a2t"), strict=True):
-    _plot_lines(ax, {k: v for k, v in recalls.items() if f"/{direction}/" in k},
-                f"val/{direction}/")
+    # R@1, R@5, R@10 in the order of k (not of the names).
+    mine = sorted((k for k in recalls if f"/{direction}/" in k),
+                  key=lambda k: int(k.rsplit("@", 1)[-1]))
+    _plot_lines(ax, {k: recalls[k] for k in mine}, f"val/{direction}/")
     ax.set_title(f"validation {direction.upper()} recall (%)")
   return _png(fig)
 

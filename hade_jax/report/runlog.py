@@ -179,5 +179,6 @@ def test_table(test: Mapping) -> TestTable:
   else:
     kind, note = "none", (
         f"{TEST_FILE} holds neither intervals nor per-query ranks: the values are shown "
-        "without intervals (python -m hade_jax.eval --workdir=... writes them).")
+        "without intervals (python -m hade_jax.eval --workdir=... computes jackknife "
+        "intervals into its own metrics.json).")
   return TestTable(str(test.get("split", "test")), rows, kind, note)
