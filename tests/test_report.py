@@ -159,3 +159,19 @@ def test_report_reads_torn_metrics_lines(tmp_path):
   assert series.skipped_lines == 1
   steps, values = series.losses()["train/loss"]
   assert steps.tolist() == [1, 2] and values.tolist() == [2.0, 1.5]
+
+
+def test_report_audio_plays_original_files_under_audio_dir(tiny_data, minilm_dir, tmp_path):
+  from hade_jax import hade
+  from hade_jax.report import model_sections
+
+  config = tiny_config(tiny_data, minilm_dir)
+  audio = model_sections.ClipAudio(config, hade.model_config(config), "test", tmp_path)
+  original = tmp_path / audio.source[0]["file_name"]  # where the download folder held it
+  original.parent.mkdir(parents=True, exist_ok=True)
+  original.write_bytes(b"RIFF")  # only its presence matters: the page links to it
+  assert audio.src(0) == original.absolute().as_uri()
+  assert audio.src(1).startswith("data:audio/wav;base64,")  # not in the folder: embedded
+  note = audio.note()
+  assert f"the original files under {tmp_path} (1 of the players)" in note
+  assert "the clip as the model heard it" in note and "s 'head' crop (1 of the players)" in note

@@ -215,7 +215,7 @@ def _examples(config, cfg, split_name, split, scores_AxT, num_captions, audio_di
   picked = np.unique(np.linspace(0, num_t - 1, min(num_captions, num_t)).round().astype(int))
   top_TxK = metrics.top_k_clips(scores_AxT[:, picked], TOP_K)
   ranks_T = metrics.t2a_ranks(scores_AxT, split.caption_clip)
-  audio = _ClipAudio(config, cfg, split_name, audio_dir)
+  audio = ClipAudio(config, cfg, split_name, audio_dir)
   examples = []
   for row, t in enumerate(picked):
     own = int(split.caption_clip[t])
@@ -226,7 +226,7 @@ def _examples(config, cfg, split_name, split, scores_AxT, num_captions, audio_di
   return examples, audio.note()
 
 
-class _ClipAudio:
+class ClipAudio:
   """The audio of a split's clips for <audio> players: the original file when it is local
   (under `audio_dir`, by the file name the prepare step recorded), otherwise a WAV data URI of
   the crop the model heard, decoded from the prepared record."""
@@ -262,14 +262,14 @@ class _ClipAudio:
   def note(self) -> str:
     parts = []
     if self.files:
-      parts.append(f"{self.files} players play the original files under {self.audio_dir}")
+      parts.append(f"the original files under {self.audio_dir} ({self.files} of the players)")
     if self.embedded:
       seconds = self.num_samples / self.rate
       parts.append(
-          f"{self.embedded} players play the clip as the model heard it, embedded in the "
-          f"page: the prepared record's audio at {self.rate} Hz, its {seconds:g} s "
-          f"'{self.crop}' crop" + ("" if self.audio_dir else
-                                   " (--audio_dir=the download folder plays the original files)"))
+          f"the clip as the model heard it, embedded in the page: the prepared record's audio "
+          f"at {self.rate} Hz, its {seconds:g} s '{self.crop}' crop ({self.embedded} of the "
+          "players" + ("" if self.audio_dir else
+                       "; --audio_dir=<the download folder> plays the original files") + ")")
     return "; ".join(parts) + "." if parts else ""
 
 
