@@ -175,3 +175,17 @@ def test_report_audio_plays_original_files_under_audio_dir(tiny_data, minilm_dir
   note = audio.note()
   assert f"the original files under {tmp_path} (1 of the players)" in note
   assert "the clip as the model heard it" in note and "s 'head' crop (1 of the players)" in note
+
+
+def test_report_of_a_checkpoint_without_its_test_split_shows_what_it_can(tiny_run, tmp_path):
+  shutil.copytree(tiny_run / "best", tmp_path / "best")
+  # A split the prepared data lacks (as on a machine without the run's test data).
+  (tmp_path / "test_metrics.json").write_text(json.dumps(
+      {"split": "nosuch", "metrics": {"t2a/R@1": 10.0}}))
+  result = report.build(tmp_path)
+  missing = {s.id: s.missing for s in result.sections}
+  assert missing["levels"] == missing["test"] == ""  # the checkpoint and the file suffice
+  for section in ("confidence", "examples"):
+    assert "the test split 'nosuch' could not be evaluated" in missing[section]
+    assert "has no split 'nosuch'" in missing[section]
+  parse(result.html)

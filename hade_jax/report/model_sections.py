@@ -50,7 +50,7 @@ def build(workdir: pathlib.Path, *, which: str, test_split: str | None, num_capt
     model, config, step_dir = api.load_model(workdir, which=which)
   except FileNotFoundError as e:
     return ModelPart(_all_missing(sections, f"no checkpoint to load ({e})"), "")
-  except checkpoints.CorruptCheckpointError as e:
+  except (checkpoints.CorruptCheckpointError, ValueError) as e:  # damaged, or a bad config
     return ModelPart(_all_missing(sections, f"the checkpoint cannot be used: {e}"), "")
   _fill_levels(levels, model)
   split_name = test_split or config.get("final_eval_split") or config.data.get("test_split")
@@ -61,7 +61,7 @@ def build(workdir: pathlib.Path, *, which: str, test_split: str | None, num_capt
     view = view_split(model, config, split_name, num_captions=num_captions,
                       audio_dir=audio_dir, max_clips=max_clips)
   except (FileNotFoundError, ValueError, OSError) as e:
-    _all_missing(sections[1:], f"the test split {split_name!r} cannot be read: {e}")
+    _all_missing(sections[1:], f"the test split {split_name!r} could not be evaluated: {e}")
     return ModelPart(sections, str(step_dir))
   _fill_confidence(confidence, model, view)
   _fill_examples(examples, view, num_captions)
