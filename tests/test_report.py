@@ -189,3 +189,11 @@ def test_report_of_a_checkpoint_without_its_test_split_shows_what_it_can(tiny_ru
     assert "the test split 'nosuch' could not be evaluated" in missing[section]
     assert "has no split 'nosuch'" in missing[section]
   parse(result.html)
+
+
+def test_report_without_its_extra_names_the_install(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(report, "EXTRA_MODULES", ("jinja2", "hade_no_such_module"))
+  status = cli.run(report.main, [f"--workdir={tmp_path}"])
+  err = capsys.readouterr().err
+  assert status == 1
+  assert "the report needs hade_no_such_module: pip install 'hade_jax[report]'" in err

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from absl import flags
 
 from hade_jax import cli
-from hade_jax.report import page, plots, runlog
+from hade_jax.report import page, runlog
 
 log = logging.getLogger("hade_jax.report")
 
@@ -80,6 +80,8 @@ def build(workdir: str | pathlib.Path, *, which: str = "best", num_captions: int
 
 
 def _log_sections(workdir: pathlib.Path, series: runlog.Series | None) -> list[page.Section]:
+  from hade_jax.report import plots  # matplotlib: after check_extras named the extra
+
   training = page.Section("training", "Training: loss terms and learning rates")
   validation = page.Section("validation", "Validation recall over steps")
   if series is None:

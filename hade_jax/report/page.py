@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
 import pathlib
 from collections.abc import Sequence
-
-from hade_jax.report import plots
 
 TEMPLATE = "template.html"
 
@@ -24,7 +23,11 @@ class Section:
   notes: list[str] = dataclasses.field(default_factory=list)
 
   def add_image(self, name: str, png: bytes, alt: str) -> None:
-    self.images.append({"name": name, "src": plots.data_uri(png), "alt": alt, "png": png})
+    self.images.append({"name": name, "src": data_uri(png), "alt": alt, "png": png})
+
+
+def data_uri(png: bytes) -> str:
+  return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""The report's figures (matplotlib), each returned as PNG bytes for a base64 data URI.
+"""The report's figures (matplotlib, the `report` extra), each returned as PNG bytes.
 
 Figures are built on `matplotlib.figure.Figure` directly (no pyplot): no global state, no
 display needed, and nothing left open between reports.
@@ -6,7 +6,6 @@ display needed, and nothing left open between reports.
 
 from __future__ import annotations
 
-import base64
 import io
 
 import numpy as np
@@ -15,10 +14,6 @@ from matplotlib.figure import Figure
 
 _DPI = 110
 _WIDTH = 9.0  # inches: two panels side by side read well at this size in a browser
-
-
-def data_uri(png: bytes) -> str:
-  return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _png(fig: Figure) -> bytes:
