@@ -9,7 +9,9 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    package_data={"hade_jax": ["web/*.html", "web/*.js", "web/*.css"]},
+    # The search page (hade_jax/web) and the report's page layout (hade_jax/report).
+    package_data={"hade_jax": ["web/*.html", "web/*.js", "web/*.css"],
+                  "hade_jax.report": ["template.html"]},
     packages=setuptools.find_packages(
         include=["hade_jax", "hade_jax.*", "data_pipelines", "data_pipelines.*", "configs"]),
     install_requires=[
@@ -40,6 +42,7 @@ setuptools.setup(
             "hade-serve = hade_jax.serve:run",
             "hade-prepare = data_pipelines.prepare:run",
             "hade-classify = hade_jax.classify:run",
+            "hade-report = hade_jax.report:run",
         ],
     },
     extras_require={
@@ -49,6 +52,8 @@ setuptools.setup(
         # `pip install hade_jax[serve]`: the search page (python -m hade_jax.serve). Starlette
         # answers HTTP range requests for files from 0.39 on.
         "serve": ["fastapi>=0.115", "starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18"],
+        # `python -m hade_jax.report` / `hade-report`: the figures and the page template.
+        "report": ["matplotlib>=3.8", "jinja2>=3.1"],
         "test": [
             # Exactly this torch: any other version resolves to a CUDA build (gigabytes).
             "torch==2.13.0",
@@ -65,6 +70,7 @@ setuptools.setup(
             "fastapi>=0.115", "starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18",
             "httpx>=0.27",
             "selenium>=4.20",
+            "matplotlib>=3.8", "jinja2>=3.1",  # tests/test_report.py (the report extra)
         ],
     },
 )

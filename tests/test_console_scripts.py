@@ -15,7 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPECTED = {"hade-train": "hade_jax.train", "hade-eval": "hade_jax.eval",
             "hade-search": "hade_jax.search", "hade-prepare": "data_pipelines.prepare",
             "hade-serve": "hade_jax.serve",
-            "hade-classify": "hade_jax.classify"}
+            "hade-classify": "hade_jax.classify",
+            "hade-report": "hade_jax.report"}
 
 
 def console_scripts(monkeypatch) -> dict[str, str]:
