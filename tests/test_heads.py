@@ -10,6 +10,7 @@ from flax import nnx
 
 from hade_jax import heads as hade_heads
 from hade_jax import losses
+from tests import test_losses
 
 STAGE_DIMS = (8, 16, 32, 64)
 FRAMES = (16, 8, 4, 2)
@@ -243,3 +244,23 @@ def test_logit_scale_is_clamped_at_100():
 def test_bad_config_names_the_field(bad):
   with pytest.raises(ValueError, match="HeadsConfig"):
     dataclasses.replace(make_cfg(), **bad)
+
+
+@pytest.mark.parametrize("variant", ["tokens_none", "tha_only"])
+def test_global_nce_weight_adds_an_info_nce_on_the_global_cosine(variant):
+  # tha_only: the global cosine is not in S, and the extra term still trains it (a shortlist).
+  model = make_heads(make_cfg(**VARIANTS[variant]))
+  pooled, frames, hidden, text_pooled, mask = encoder_outputs(seed=4, lengths=(7, 3, 5, 1, 6))
+  a = model.audio_features(jnp.asarray(pooled), tuple(map(jnp.asarray, frames)))
+  t = model.text_features(tuple(jnp.asarray(h[:A]) for h in hidden), jnp.asarray(text_pooled[:A]),
+                          jnp.asarray(mask[:A]))
+  ids = [0, 1, 1, 2, 3]
+  base, m0 = losses.hade_loss(model, a, t, jnp.asarray(ids), losses.LossConfig())
+  got, m1 = losses.hade_loss(model, a, t, jnp.asarray(ids),
+                             losses.LossConfig(global_nce_weight=0.5))
+  glob = np.asarray([[reference_score(model, model.cfg, a, t, i, j)[1]["global"]
+                      for j in range(A)] for i in range(A)])
+  want = test_losses.np_info_nce(float(model.logit_scale_value()) * glob, ids)
+  assert "loss_global_nce" not in m0
+  np.testing.assert_allclose(m1["loss_global_nce"], want, rtol=1e-5)
+  np.testing.assert_allclose(got, base + 0.5 * want, rtol=1e-5)
