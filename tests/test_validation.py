@@ -32,6 +32,7 @@ def load(path: pathlib.Path | str, arg: str = "", *overrides: str):
 
 SHIPPED = [(f"configs/{name}.py", arg) for name in ("base", "clotho", "audiocaps", "demo")
            for arg in ("", "ablation=global", "ablation=tha", "ablation=dcr", "ablation=full")]
+SHIPPED.append(("configs/demo.py", "ablation=full_attention"))
 SHIPPED.append(("tests/tiny_train_config.py", ""))
 
 
