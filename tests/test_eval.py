@@ -164,3 +164,11 @@ def test_missing_csv_and_checkpoint_errors_name_the_path(tmp_path):
     checkpoints.step_dir(tmp_path / "nothing")
   with pytest.raises(ValueError, match="no captions CSV at"):
     hade_eval.read_folder_clips(tmp_path / "captions.csv")
+
+
+def test_summary_shows_the_global_cosine_and_two_stage_lines():
+  full = np.array([[0.9, 0.2], [0.1, 0.8]])
+  m = evaluator.split_metrics(full, full[::-1], np.array([0, 1]), shortlists=(1,))
+  text = hade_eval.summary(m, shortlists=(1,))
+  assert "global cosine alone, T2A R@1/5/10, mAP@10: 0.00 / 100.00 / 100.00 / 50.00" in text
+  assert "two-stage T2A, shortlist 1: R@1 0.00 (lost 100.00)" in text
