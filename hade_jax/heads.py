@@ -357,8 +357,9 @@ def level_similarity(a_AxNxD, amask_AxN, alogit_AxN, t_TxMxD, tmask_TxM, tlogit_
   neg = jnp.asarray(-1e4, a_AxNxD.dtype)
   cos_AxTxMxN = jnp.einsum("and,tmd->atmn", a_AxNxD, t_TxMxD)
   if kind == "attention":
-    # The masks go into the softmax logits, so padding gets no attention; where every token
-    # of a side is padding the softmax is uniform and the token weights below zero it out.
+    # The masks go into the softmax logits, so padding gets no attention; the rows of padding
+    # words (columns of padding frames) are zeroed by the masked token weights below. One
+    # temperature per level serves both directions.
     att_AxTxMxN = jax.nn.softmax(jnp.where(amask_AxN[:, None, None, :], scale * cos_AxTxMxN,
                                            neg), axis=-1)
     t2a_AxTxM = jnp.einsum("atmn,atmn->atm", att_AxTxMxN, cos_AxTxMxN)
