@@ -10,6 +10,8 @@ Configs are locked by the flag parser: a typo fails at once.
 Ablations from the command line, e.g. `--config=configs/clotho.py:ablation=tha`:
   global  global cosine only           tha   global + THA
   dcr     global + DCR (with CA)       full  global + THA + DCR (default)
+  tha_attention, full_attention: tha, full with THA levels as cross-attention
+  (`model.heads.level_sim='attention'`, docs/method.md section 2)
 The paper's score S = S_THA + gamma S_DCR is `--config.model.heads.use_global=False`.
 """
 
@@ -27,6 +29,8 @@ ABLATIONS = {
     "tha": dict(use_tha=True, use_dcr=False),
     "dcr": dict(use_tha=False, use_dcr=True),
     "full": dict(use_tha=True, use_dcr=True),
+    "tha_attention": dict(use_tha=True, use_dcr=False, level_sim="attention"),
+    "full_attention": dict(use_tha=True, use_dcr=True, level_sim="attention"),
 }
 
 

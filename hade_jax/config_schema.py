@@ -225,6 +225,9 @@ class TrainConfig:
   log_every_steps: int = 50  # console + metrics.jsonl + TensorBoard.
   eval_every_steps: int = 1000  # validation retrieval metrics (0 = only at the end).
   final_eval_split: str = "test"  # evaluated with the best checkpoint at the end ('' = none).
+  # Two-stage search measured at every evaluation: the T2A recall a global-cosine shortlist of
+  # each size keeps and loses ('two_stage@S/t2a/R@10/lost', hade_jax/evaluator.py).
+  eval_shortlists: tuple = (50, 100)
   max_steps_per_run: int = 0  # stop cleanly (with a checkpoint) after N steps of this run.
   log_batch_ids: bool = False  # write each step's clip ids to batches.jsonl (data-order checks).
   # Resuming a workdir whose checkpoint was saved with another seed, optimizer, loss or training
@@ -246,6 +249,10 @@ class TrainConfig:
     p.positive("log_every_steps")
     for name in ("eval_every_steps", "max_steps_per_run", "max_consecutive_skips"):
       p.at_least(name, 0)
+    if not p.bad("eval_shortlists") and not all(
+        fields.is_int(s) and s >= 1 for s in self.eval_shortlists):
+      p.add("eval_shortlists", f"expected shortlist sizes >= 1, e.g. (50, 100), got "
+            f"{self.eval_shortlists!r}")
     if fields.is_int(self.keep_checkpoints) and self.keep_checkpoints < 1:
       p.add("keep_checkpoints", f"must be >= 1 (the last step is needed to resume), got "
             f"{self.keep_checkpoints}")

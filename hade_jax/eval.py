@@ -290,11 +290,15 @@ def write_dcase_csv(path: str | os.PathLike, scores_AxT: np.ndarray, captions: S
 
 
 def summary(result: dict[str, float], shortlists: Sequence[int] = ()) -> str:
-  """The console report: the metrics table, the tie rule and two-stage recall lost."""
+  """The console report: the metrics table, the tie rule, the global cosine's own T2A ranking
+  and two-stage recall lost."""
   lines = [metrics.format_table(result), f"tie rule: {metrics.TIE_RULE}"]
   if "a2t/trueR@1" in result:
     lines.append("A2T true recall (DCASE 2023) R@1/5/10: " + " / ".join(
         f"{result[f'a2t/trueR@{k}']:.2f}" for k in metrics.KS))
+  if "global/t2a/R@1" in result:  # what the two-stage shortlist ranks by
+    lines.append("global cosine alone, T2A R@1/5/10, mAP@10: " + " / ".join(
+        f"{result[f'global/t2a/{name}']:.2f}" for name in ("R@1", "R@5", "R@10", "mAP@10")))
   for s in shortlists:
     cells = [f"{name} {result[f'two_stage@{s}/t2a/{name}']:.2f} "
              f"(lost {result[f'two_stage@{s}/t2a/{name}/lost']:.2f})"

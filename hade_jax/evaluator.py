@@ -41,10 +41,13 @@ class Scored:
 def split_metrics(scores_AxT: np.ndarray, global_AxT: np.ndarray, caption_clip_T: np.ndarray,
                   *, true_recall: bool = False, intervals: bool = False,
                   shortlists: Sequence[int] = ()) -> dict[str, float]:
-  """The flat metrics dict: `metrics.retrieval_metrics` plus, per shortlist size S,
+  """The flat metrics dict: `metrics.retrieval_metrics`, 'global/t2a/<metric>' (the global
+  cosine alone, two-stage search's shortlist score) and, per shortlist size S,
   'two_stage@S/t2a/<metric>' and 'two_stage@S/t2a/<metric>/lost' (exhaustive minus two-stage)."""
   out = metrics.retrieval_metrics(scores_AxT, caption_clip_T, true_recall=true_recall,
                                   intervals=intervals)
+  global_ranks_T = metrics.t2a_ranks(global_AxT, caption_clip_T)
+  out |= {f"global/t2a/{name}": v for name, v in metrics.t2a_from_ranks(global_ranks_T).items()}
   for s in shortlists:
     ranks_T = metrics.two_stage_t2a_ranks(scores_AxT, global_AxT, caption_clip_T, int(s))
     for name, value in metrics.t2a_from_ranks(ranks_T).items():

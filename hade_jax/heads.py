@@ -24,6 +24,12 @@ from flax import nnx, struct
 from hade_jax import fields, layers
 
 _EPS = 1e-8
+# 'attention' levels: the word-frame softmax starts at temperature 0.1 (scale 10 on cosines in
+# [-1, 1]: between the mean (scale 0) and `tokens`' hard max (scale -> inf)) and is learned per
+# level as log(1 / temperature), clamped like the logit scale at `max_logit_scale`. A constant,
+# not a HeadsConfig field, so configs saved by earlier versions keep resuming. [choice]
+ATTENTION_TEMPERATURE_INIT = 0.1
+LEVEL_SIMS = ("tokens", "pooled", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +47,9 @@ class HeadsConfig:
   use_tha: bool = True
   # THA level set: (audio stage h in 1..4, text block l in 1..num_layers). [choice]
   levels: tuple[tuple[int, int], ...] = ((2, 4), (3, 8), (4, 12))
-  level_sim: str = "tokens"  # 'tokens' (DRL/WTA weighted max-cosine) or 'pooled' (HiT).
+  # 'tokens' (DRL/WTA weighted max-cosine), 'pooled' (HiT) or 'attention' (words attend over
+  # frames and frames over words, softmax of scaled cosines with a learnable temperature).
+  level_sim: str = "tokens"
   text_level_pool: str = "cls"  # for 'pooled' levels: 'cls' or 'mean' of valid words.
   learn_level_weights: bool = True  # lambda = softmax(logits) learnable, else fixed 1/L.
   use_dcr: bool = True
@@ -58,7 +66,7 @@ class HeadsConfig:
     p.types()
     p.choice("projection", ("clap", "linear"))
     p.choice("text_pool", ("pooler", "cls", "mean"))
-    p.choice("level_sim", ("tokens", "pooled"))
+    p.choice("level_sim", LEVEL_SIMS)
     p.choice("text_level_pool", ("cls", "mean"))
     p.choice("confidence_norm", ("none", "softmax", "sigmoid"))
     p.at_least("embed_dim", 1)
@@ -93,7 +101,7 @@ class AudioFeatures:
   global_AxD: jax.Array  # projected global embedding (not normalised).
   levels: tuple[jax.Array, ...]  # per THA level: L2-normalised tokens [A, N_k, D].
   level_masks: tuple[jax.Array, ...]  # [A, N_k] bool.
-  level_logits: tuple[jax.Array, ...]  # token-weight logits [A, N_k] ('tokens' levels).
+  level_logits: tuple[jax.Array, ...]  # token-weight logits [A, N_k] ('tokens'/'attention').
   factors_AxKxd: jax.Array | None  # DCR factors (after the optional linear map).
 
 
@@ -147,14 +155,18 @@ class TokenWeights(nnx.Module):
 
 
 class ThaLevel(nnx.Module):
-  """One (audio stage, text block) level: projections P_a^k, P_t^k (+ token weights)."""
+  """One (audio stage, text block) level: projections P_a^k, P_t^k (+ token weights, and the
+  attention temperature of 'attention' levels, stored as log(1 / temperature))."""
 
   def __init__(self, audio_dim: int, text_dim: int, cfg: HeadsConfig, *, rngs: nnx.Rngs):
     self.audio_proj = nnx.Linear(audio_dim, cfg.embed_dim, rngs=rngs)
     self.text_proj = nnx.Linear(text_dim, cfg.embed_dim, rngs=rngs)
-    if cfg.level_sim == "tokens":
+    if cfg.level_sim in ("tokens", "attention"):
       self.audio_weights = TokenWeights(cfg.embed_dim, rngs=rngs)
       self.text_weights = TokenWeights(cfg.embed_dim, rngs=rngs)
+    if cfg.level_sim == "attention":
+      self.attention_scale = nnx.Param(
+          jnp.asarray(math.log(1.0 / ATTENTION_TEMPERATURE_INIT), jnp.float32))
 
 
 class Confidence(nnx.Module):
@@ -216,7 +228,7 @@ class HadeHeads(nnx.Module):
         mask_AxN = (jnp.ones(x_AxNxC.shape[:2], bool) if frame_masks is None
                     else frame_masks[h - 1])
         x_AxNxD = level.audio_proj(layers.dropout(x_AxNxC, cfg.dropout, rngs))
-        if cfg.level_sim == "tokens":
+        if cfg.level_sim in ("tokens", "attention"):
           logits.append(level.audio_weights(x_AxNxD))
         else:  # HiT: one pooled vector per clip.
           x_AxNxD = masked_mean(x_AxNxD, mask_AxN)[:, None]
@@ -246,7 +258,7 @@ class HadeHeads(nnx.Module):
     if cfg.use_tha:
       for (_, l), level in zip(cfg.levels, self.tha, strict=True):
         x_TxMxD = level.text_proj(layers.dropout(hidden_states[l], cfg.dropout, rngs))
-        if cfg.level_sim == "tokens":
+        if cfg.level_sim in ("tokens", "attention"):
           m_TxM = mask_TxM
           logits.append(level.text_weights(x_TxMxD))
         else:
@@ -271,6 +283,11 @@ class HadeHeads(nnx.Module):
       return jax.nn.softmax(self.level_logits[...])
     return jnp.full((n,), 1.0 / n, jnp.float32)
 
+  def attention_scales(self) -> list[jax.Array]:
+    """Per 'attention' level: 1 / temperature of its softmax, clamped at `max_logit_scale`."""
+    top = math.log(self.cfg.max_logit_scale)
+    return [jnp.exp(jnp.minimum(level.attention_scale[...], top)) for level in self.tha]
+
   def score(self, a: AudioFeatures, t: TextFeatures) -> dict[str, jax.Array]:
     """All-pairs scores: 'total' [A, T] plus each term ('global', 'tha', 'levels', 'dcr')."""
     cfg = self.cfg
@@ -282,9 +299,11 @@ class HadeHeads(nnx.Module):
     if cfg.use_global:
       total_AxT = total_AxT + cfg.global_weight * glob_AxT
     if cfg.use_tha:
-      per_level = [level_similarity(*args, cfg.level_sim) for args in zip(
-          a.levels, a.level_masks, a.level_logits, t.levels, t.level_masks, t.level_logits,
-          strict=True)]
+      scales = (self.attention_scales() if cfg.level_sim == "attention"
+                else [None] * len(cfg.levels))
+      per_level = [level_similarity(*args, cfg.level_sim, scale=scale) for scale, *args in zip(
+          scales, a.levels, a.level_masks, a.level_logits, t.levels, t.level_masks,
+          t.level_logits, strict=True)]
       levels_LxAxT = jnp.stack(per_level)
       tha_AxT = jnp.einsum("l,lat->at", self.level_weights(), levels_LxAxT)
       out["levels"], out["tha"] = levels_LxAxT, tha_AxT
@@ -321,20 +340,35 @@ class HadeHeads(nnx.Module):
 
 
 def level_similarity(a_AxNxD, amask_AxN, alogit_AxN, t_TxMxD, tmask_TxM, tlogit_TxM,
-                     kind: str) -> jax.Array:
+                     kind: str, scale: jax.Array | None = None) -> jax.Array:
   """One THA level s_k for all pairs (inputs already L2-normalised).
 
   'tokens' (DRL's weighted token-wise interaction):
     s = 1/2 [ sum_i w^t_i max_j cos(t_i, a_j) + sum_j w^a_j max_i cos(t_i, a_j) ],
   with w = softmax of the token logits over valid tokens; invalid tokens never win a max.
+  'attention' (cross-attention): each max becomes an attention-weighted mean of the cosines,
+    max_j cos(t_i, a_j) -> sum_j softmax_j(scale cos(t_i, a_.)) cos(t_i, a_j),
+  the softmax over valid frames (over valid words for the audio side); `scale` = 1 / the
+  learnable temperature. Scale -> inf is 'tokens', scale 0 the plain mean.
   'pooled' (HiT): one token per side, s = cos.
   """
   if kind == "pooled":
     return jnp.einsum("ad,td->at", a_AxNxD[:, 0], t_TxMxD[:, 0])
   neg = jnp.asarray(-1e4, a_AxNxD.dtype)
   cos_AxTxMxN = jnp.einsum("and,tmd->atmn", a_AxNxD, t_TxMxD)
-  t2a_AxTxM = jnp.max(jnp.where(amask_AxN[:, None, None, :], cos_AxTxMxN, neg), axis=-1)
-  a2t_AxTxN = jnp.max(jnp.where(tmask_TxM[None, :, :, None], cos_AxTxMxN, neg), axis=-2)
+  if kind == "attention":
+    # The masks go into the softmax logits, so padding gets no attention; the rows of padding
+    # words (columns of padding frames) are zeroed by the masked token weights below. One
+    # temperature per level serves both directions.
+    att_AxTxMxN = jax.nn.softmax(jnp.where(amask_AxN[:, None, None, :], scale * cos_AxTxMxN,
+                                           neg), axis=-1)
+    t2a_AxTxM = jnp.einsum("atmn,atmn->atm", att_AxTxMxN, cos_AxTxMxN)
+    att_AxTxMxN = jax.nn.softmax(jnp.where(tmask_TxM[None, :, :, None], scale * cos_AxTxMxN,
+                                           neg), axis=-2)
+    a2t_AxTxN = jnp.einsum("atmn,atmn->atn", att_AxTxMxN, cos_AxTxMxN)
+  else:
+    t2a_AxTxM = jnp.max(jnp.where(amask_AxN[:, None, None, :], cos_AxTxMxN, neg), axis=-1)
+    a2t_AxTxN = jnp.max(jnp.where(tmask_TxM[None, :, :, None], cos_AxTxMxN, neg), axis=-2)
   wt_TxM = jax.nn.softmax(jnp.where(tmask_TxM, tlogit_TxM, -jnp.inf), axis=-1)
   wa_AxN = jax.nn.softmax(jnp.where(amask_AxN, alogit_AxN, -jnp.inf), axis=-1)
   t_part = jnp.einsum("atm,tm->at", jnp.where(tmask_TxM[None], t2a_AxTxM, 0.0), wt_TxM)

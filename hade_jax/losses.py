@@ -26,6 +26,9 @@ class LossConfig:
   beta: float = 0.01  # L_A weight (align the same factor across modalities). [lineage DiCoSA]
   level_nce_weight: float = 0.0  # extra InfoNCE on each THA level, averaged (HiT). [choice]
   dcr_nce_weight: float = 0.0  # extra InfoNCE on S_DCR alone. [choice]
+  # Extra InfoNCE on the global cosine alone, so the full model's global embedding ranks on its
+  # own (two-stage search shortlists by it; in S it is only one term). [choice]
+  global_nce_weight: float = 0.0
 
 
 def positives(ids_A: jax.Array, ids_T: jax.Array) -> jax.Array:
@@ -100,6 +103,12 @@ def hade_loss(heads: hade_heads.HadeHeads, audio: hade_heads.AudioFeatures,
       l_dcr = info_nce(scale * scores["dcr"], pos_BxB)
       loss = loss + cfg.dcr_nce_weight * l_dcr
       metrics["loss_dcr_nce"] = l_dcr
+  if cfg.global_nce_weight:
+    # The global cosine is computed (scores["global"]) even with use_global off: a shortlist
+    # embedding can be trained for the paper's S = S_THA + gamma S_DCR too.
+    l_glob = info_nce(scale * scores["global"], pos_BxB)
+    loss = loss + cfg.global_nce_weight * l_glob
+    metrics["loss_global_nce"] = l_glob
   if heads.cfg.use_tha and cfg.level_nce_weight:
     per_level = jax.vmap(lambda s: info_nce(scale * s, pos_BxB))(scores["levels"])
     l_lv = per_level.mean()

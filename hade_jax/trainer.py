@@ -324,7 +324,8 @@ class _Evals:
   def __init__(self, run: _Run, ckpt: checkpoints.Checkpoints, writer: MetricWriter | None):
     self.run, self.ckpt, self.writer = run, ckpt, writer
     # One evaluator for the run: it compiles its encoders once, later evaluations load weights.
-    self.retrieval_eval = evaluator.RetrievalEvaluator.from_config(run.config)
+    self.retrieval_eval = evaluator.RetrievalEvaluator.from_config(
+        run.config, shortlists=run.config.eval_shortlists)
     self.eval_split = None  # read at the first evaluation
 
   def due(self, step: int) -> bool:

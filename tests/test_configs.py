@@ -31,14 +31,26 @@ def test_config_loads_and_builds_a_model(path, ablation):
   config = load(path, ablation)
   cfg = hade.model_config(config)
   expected = {"": (True, True), "ablation=global": (False, False),
-              "ablation=tha": (True, False), "ablation=dcr": (False, True)}[ablation]
+              "ablation=tha": (True, False), "ablation=dcr": (False, True),
+              "ablation=full_attention": (True, True)}[ablation]
   assert (cfg.heads.use_tha, cfg.heads.use_dcr) == expected
+  assert (cfg.heads.level_sim == "attention") == (ablation == "ablation=full_attention")
   model = nnx.eval_shape(lambda: hade.HadeModel(cfg, rngs=nnx.Rngs(0)))
   assert model.heads.cfg == cfg.heads
   # The optimizer groups cover every parameter.
   from hade_jax import optim
   _, params, _ = hade.split_model(model)
   optim.group_labels(params, config.optim.groups)
+
+
+def test_attention_ablations_build_a_model():
+  for arg in ("ablation=full_attention", "ablation=tha_attention"):
+    config = load(ROOT / "configs" / "demo.py", arg)
+    cfg = hade.model_config(config)
+    assert cfg.heads.level_sim == "attention" and cfg.heads.use_tha
+    assert cfg.heads.use_dcr == (arg == "ablation=full_attention")
+    model = nnx.eval_shape(lambda cfg=cfg: hade.HadeModel(cfg, rngs=nnx.Rngs(0)))
+    assert [level.attention_scale.shape for level in model.heads.tha] == [()] * 3
 
 
 def test_locked_config_rejects_a_misspelt_key():

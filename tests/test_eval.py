@@ -51,6 +51,27 @@ def test_two_stage_ranks_hand_computed():
   assert m["mAP@10"] == pytest.approx(100 * (1 + 0.2 + 0.2) / 3)
 
 
+def test_split_metrics_adds_the_global_terms_ranking_and_two_stage_loss():
+  full = np.array([[0.9, 0.2, 0.1],  # the example above
+                   [0.5, 0.8, 0.5],
+                   [0.95, 0.1, 0.7],
+                   [0.3, 0.4, 0.5]])
+  glob = np.array([[0.9, 0.2, 0.0],
+                   [0.8, 0.9, 0.9],
+                   [0.1, 0.8, 0.8],
+                   [0.2, 0.2, 0.1]])
+  m = evaluator.split_metrics(full, glob, np.array([0, 0, 3]), shortlists=(2,))
+  # By the global cosine alone: caption 0 ranks clip 0 first; caption 1 has clips 1 and 2
+  # above clip 0 (clip 3 ties it: no penalty), rank 3; caption 2 has clips 1, 2 above, rank 3.
+  assert m["global/t2a/R@1"] == pytest.approx(100 / 3)
+  assert m["global/t2a/mAP@10"] == pytest.approx(100 * (1 + 1 / 3 + 1 / 3) / 3)
+  # Exhaustive ranks [2, 3, 2], two-stage at 2 [1, 5, 5]: R@1 0 -> 33.3 (the shortlist dropped
+  # a clip that outscored the ground truth); R@5 keeps all three (rank 5 counts).
+  assert m["t2a/R@1"] == 0.0 and m["two_stage@2/t2a/R@1"] == pytest.approx(100 / 3)
+  assert m["two_stage@2/t2a/R@1/lost"] == pytest.approx(-100 / 3)
+  assert m["two_stage@2/t2a/R@5/lost"] == 0.0
+
+
 def test_dcase_csv(tmp_path):
   scores = np.array([[0.1, 0.7], [0.3, 0.2], [0.2, 0.9]])
   names = ["a, with comma.wav", "b.wav", "c.wav"]
@@ -143,3 +164,11 @@ def test_missing_csv_and_checkpoint_errors_name_the_path(tmp_path):
     checkpoints.step_dir(tmp_path / "nothing")
   with pytest.raises(ValueError, match="no captions CSV at"):
     hade_eval.read_folder_clips(tmp_path / "captions.csv")
+
+
+def test_summary_shows_the_global_cosine_and_two_stage_lines():
+  full = np.array([[0.9, 0.2], [0.1, 0.8]])
+  m = evaluator.split_metrics(full, full[::-1], np.array([0, 1]), shortlists=(1,))
+  text = hade_eval.summary(m, shortlists=(1,))
+  assert "global cosine alone, T2A R@1/5/10, mAP@10: 0.00 / 100.00 / 100.00 / 50.00" in text
+  assert "two-stage T2A, shortlist 1: R@1 0.00 (lost 100.00)" in text

@@ -10,6 +10,7 @@ from flax import nnx
 
 from hade_jax import heads as hade_heads
 from hade_jax import losses
+from tests import test_losses
 
 STAGE_DIMS = (8, 16, 32, 64)
 FRAMES = (16, 8, 4, 2)
@@ -21,6 +22,7 @@ VARIANTS = {
     "pooled_sigmoid_cls": dict(level_sim="pooled", confidence_norm="sigmoid", text_pool="cls"),
     "pooled_mean_fixed": dict(level_sim="pooled", text_level_pool="mean", text_pool="mean",
                               learn_level_weights=False, projection="linear"),
+    "attention_none": dict(level_sim="attention"),
     "global_only": dict(use_tha=False, use_dcr=False),
     "tha_only": dict(use_dcr=False, use_global=False),
     "dcr_only": dict(use_tha=False, use_global=False, dcr_weight=0.7),
@@ -37,6 +39,9 @@ def make_heads(cfg, seed=0):
                                text_dim=TEXT_DIM, rngs=nnx.Rngs(seed))
   if cfg.use_tha and cfg.learn_level_weights:  # non-uniform weights, so a mix-up shows.
     model.level_logits[...] = jnp.asarray([0.3, -0.5, 0.9])
+  if cfg.use_tha and cfg.level_sim == "attention":  # a temperature per level, so a mix-up shows
+    for level, scale in zip(model.tha, (2.0, 7.0, 30.0), strict=True):
+      level.attention_scale[...] = jnp.log(jnp.asarray(scale))
   return model
 
 
@@ -72,6 +77,20 @@ def np_softmax(x):
   return e / e.sum()
 
 
+def reference_attention(model, k, aa, tt, alogit, tlogit):
+  """An 'attention' level of one pair: every word attends over the frames and back."""
+  scale = float(np.exp(model.tha[k].attention_scale[...]))
+  wt, wa = np_softmax(tlogit), np_softmax(alogit)
+  s_t = s_a = 0.0
+  for w in range(len(tt)):
+    cos = np.asarray([np_cos(tt[w], aa[f]) for f in range(len(aa))])
+    s_t += wt[w] * float(np_softmax(scale * cos) @ cos)
+  for f in range(len(aa)):
+    cos = np.asarray([np_cos(tt[w], aa[f]) for w in range(len(tt))])
+    s_a += wa[f] * float(np_softmax(scale * cos) @ cos)
+  return 0.5 * (s_t + s_a)
+
+
 def reference_score(model, cfg, a, t, i, j):
   """S(a_i, t_j) with explicit loops over words, frames and factors."""
   total, parts = 0.0, {}
@@ -88,6 +107,9 @@ def reference_score(model, cfg, a, t, i, j):
       tt = np.asarray(t.levels[k][j])[tm]
       if cfg.level_sim == "pooled":
         s = np_cos(aa[0], tt[0])
+      elif cfg.level_sim == "attention":
+        s = reference_attention(model, k, aa, tt, np.asarray(a.level_logits[k][i])[am],
+                                np.asarray(t.level_logits[k][j])[tm])
       else:
         wt = np_softmax(np.asarray(t.level_logits[k][j])[tm])
         wa = np_softmax(np.asarray(a.level_logits[k][i])[am])
@@ -147,7 +169,8 @@ def test_constant_confidence_is_sum_of_factor_cosines(norm, expected):
   np.testing.assert_allclose(model.score(a, t)["dcr"], want, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["tokens_none", "pooled_mean_fixed", "tokens_softmax_linear"])
+@pytest.mark.parametrize("variant", ["tokens_none", "pooled_mean_fixed", "tokens_softmax_linear",
+                                     "attention_none"])
 def test_padded_words_and_frames_change_no_score(variant):
   cfg = make_cfg(**VARIANTS[variant])
   model = make_heads(cfg)
@@ -195,8 +218,10 @@ def test_loss_gradients_are_finite_under_jit(variant):
   assert np.isfinite(loss)
   leaves = jax.tree.leaves(grads)
   assert leaves and all(np.all(np.isfinite(g)) for g in leaves)
-  # The temperature is learnable: it receives a gradient.
+  # The temperature is learnable: it receives a gradient (and so does each attention level's).
   assert float(jnp.abs(grads["logit_scale"][...])) > 0
+  if cfg.use_tha and cfg.level_sim == "attention":
+    assert all(float(jnp.abs(grads["tha"][k]["attention_scale"][...])) > 0 for k in range(3))
 
 
 def test_level_weights_are_a_distribution():
@@ -219,3 +244,23 @@ def test_logit_scale_is_clamped_at_100():
 def test_bad_config_names_the_field(bad):
   with pytest.raises(ValueError, match="HeadsConfig"):
     dataclasses.replace(make_cfg(), **bad)
+
+
+@pytest.mark.parametrize("variant", ["tokens_none", "tha_only"])
+def test_global_nce_weight_adds_an_info_nce_on_the_global_cosine(variant):
+  # tha_only: the global cosine is not in S, and the extra term still trains it (a shortlist).
+  model = make_heads(make_cfg(**VARIANTS[variant]))
+  pooled, frames, hidden, text_pooled, mask = encoder_outputs(seed=4, lengths=(7, 3, 5, 1, 6))
+  a = model.audio_features(jnp.asarray(pooled), tuple(map(jnp.asarray, frames)))
+  t = model.text_features(tuple(jnp.asarray(h[:A]) for h in hidden), jnp.asarray(text_pooled[:A]),
+                          jnp.asarray(mask[:A]))
+  ids = [0, 1, 1, 2, 3]
+  base, m0 = losses.hade_loss(model, a, t, jnp.asarray(ids), losses.LossConfig())
+  got, m1 = losses.hade_loss(model, a, t, jnp.asarray(ids),
+                             losses.LossConfig(global_nce_weight=0.5))
+  glob = np.asarray([[reference_score(model, model.cfg, a, t, i, j)[1]["global"]
+                      for j in range(A)] for i in range(A)])
+  want = test_losses.np_info_nce(float(model.logit_scale_value()) * glob, ids)
+  assert "loss_global_nce" not in m0
+  np.testing.assert_allclose(m1["loss_global_nce"], want, rtol=1e-5)
+  np.testing.assert_allclose(got, base + 0.5 * want, rtol=1e-5)

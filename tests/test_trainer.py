@@ -85,7 +85,8 @@ def test_resume_in_a_new_process_is_exact(tiny_data, minilm_dir, tmp_path):
   assert_trees_close(a, b, atol=0)
   # The run evaluated, kept the best step, and evaluated it on the test split.
   metrics = json.loads((resumed / "test_metrics.json").read_text())
-  assert set(metrics["metrics"]) >= {"t2a/R@1", "a2t/mAP@10"}
+  assert set(metrics["metrics"]) >= {"t2a/R@1", "a2t/mAP@10", "global/t2a/R@10",
+                                    "two_stage@50/t2a/R@10/lost", "two_stage@100/t2a/R@10/lost"}
   assert len(metrics["clips"]) == 6
   assert (resumed / "best").is_dir()
   lines = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]

@@ -32,6 +32,7 @@ def load(path: pathlib.Path | str, arg: str = "", *overrides: str):
 
 SHIPPED = [(f"configs/{name}.py", arg) for name in ("base", "clotho", "audiocaps", "demo")
            for arg in ("", "ablation=global", "ablation=tha", "ablation=dcr", "ablation=full")]
+SHIPPED.append(("configs/demo.py", "ablation=full_attention"))
 SHIPPED.append(("tests/tiny_train_config.py", ""))
 
 
@@ -149,6 +150,8 @@ BAD = [
     ({"max_consecutive_skips": -1}, "config.max_consecutive_skips", ">= 0"),
     ({"eval_batch_size": 0}, "config.eval_batch_size", "> 0"),
     ({"eval_tile": -1}, "config.eval_tile", "> 0"),
+    ({"eval_shortlists": (50, 0)}, "config.eval_shortlists", "sizes >= 1"),
+    ({"model.heads.level_sim": "cross"}, "config.model.heads.level_sim", "'attention'"),
     ({"best_metric": "val/t2a/median_rank"}, "config.best_metric", "not a validation metric"),
     ({"best_metric": "val/R@1"}, "config.best_metric", "val/t2a/R@1+R@5+R@10"),
     ({"batch_sz": 32}, "config.batch_sz", "unknown key"),
