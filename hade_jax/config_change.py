@@ -52,18 +52,39 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def differences(saved: dict, requested: dict) -> dict[str, list[tuple[str, Any, Any]]]:
-  """{'structure'|'training'|'other': [(field, saved value, requested value)]}."""
+  """{'structure'|'training'|'other': [(field, saved value, requested value)]}.
+
+  A field the saved config lacks (saved by a hade_jax before the field existed) counts as its
+  default, so a new field left at its default changes nothing.
+  """
   a, b = flatten(saved), flatten(requested)
   missing = "<absent>"
+  defaults = flatten_defaults()
   out = {"structure": [], "training": [], "other": []}
   for key in sorted(a.keys() | b.keys()):
     old, new = a.get(key, missing), b.get(key, missing)
+    if old == missing and key in defaults and defaults[key] == new:
+      continue
     if old == new or key in IGNORED:
       continue
     kind = ("structure" if key.startswith(STRUCTURE)
             else "training" if key.startswith(TRAINING) else "other")
     out[kind].append((key, old, new))
   return out
+
+
+def flatten_defaults() -> dict[str, Any]:
+  """The sections' field defaults as `flatten` spells values (JSON lists for tuples)."""
+  return {k: json.loads(json.dumps(v)) for k, v in validation.field_defaults().items()
+          if _is_json(v)}
+
+
+def _is_json(value: Any) -> bool:
+  try:
+    json.dumps(value)
+  except TypeError:
+    return False
+  return True
 
 
 def _lines(changes: list[tuple[str, Any, Any]]) -> str:

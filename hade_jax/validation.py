@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import ml_collections
@@ -31,6 +32,20 @@ SAVED_KEYS = config_schema.SAVED_KEYS
 MAX_ACTIVATION_BYTES = 2**40
 _MODEL_SECTIONS = {"audio": htsat.HtsatConfig, "text": bert.BertConfig,
                    "heads": heads.HeadsConfig, "mel": frontend.LogMelConfig}
+
+
+def field_defaults() -> dict[str, Any]:
+  """{'loss.global_nce_weight': 0.0, 'model.heads.level_sim': 'tokens', ...}: the default of
+  every field of every section, by its flat config key (top-level sections unprefixed)."""
+  prefixed = ([("", cls) for cls in config_schema.TOP_SECTIONS]
+              + list(config_schema.SECTIONS.items()) + [("loss", losses.LossConfig)]
+              + [(f"model.{k}", cls) for k, cls in _MODEL_SECTIONS.items()])
+  out = {}
+  for prefix, cls in prefixed:
+    for f in dataclasses.fields(cls):
+      if f.default is not dataclasses.MISSING:
+        out[f"{prefix}.{f.name}".lstrip(".")] = f.default
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

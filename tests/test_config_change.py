@@ -37,6 +37,21 @@ def _steps(workdir):
   return sorted(p.name for p in (workdir / "checkpoints").iterdir())
 
 
+def test_config_change_ignores_a_new_field_at_its_default():
+  # A checkpoint saved before a field existed (e.g. loss.global_nce_weight) resumes when the
+  # field keeps its default, and not silently when it does not.
+  saved = {"loss": {"alpha": 0.005}, "model": {"heads": {"embed_dim": 16}}}
+  same = {"loss": {"alpha": 0.005, "global_nce_weight": 0.0},
+          "model": {"heads": {"embed_dim": 16, "level_sim": "tokens"}}}
+  assert config_change.differences(saved, same) == {"structure": [], "training": [],
+                                                     "other": []}
+  changed = {"loss": {"alpha": 0.005, "global_nce_weight": 0.5},
+             "model": {"heads": {"embed_dim": 16, "level_sim": "attention"}}}
+  diff = config_change.differences(saved, changed)
+  assert diff["training"] == [("loss.global_nce_weight", "<absent>", 0.5)]
+  assert diff["structure"] == [("model.heads.level_sim", "<absent>", "attention")]
+
+
 def test_config_change_of_the_model_is_refused_naming_the_fields(trained, tiny_data,
                                                                  minilm_dir):
   workdir, overrides = trained
