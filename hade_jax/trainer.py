@@ -71,15 +71,19 @@ class NonFiniteError(FloatingPointError):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses.LossConfig,
-                    spec_augment: bool, base_rng: jax.Array, skip_nonfinite: bool = False):
-  """A pure function (state, batch) -> (state, metrics), compiled once by the caller.
+                    spec_augment: bool, skip_nonfinite: bool = False):
+  """A pure function (seed, state, batch) -> (state, metrics), compiled once by the caller.
+
+  The seed (an int32 scalar, `step_seed`) is an argument, not a constant of the program, so
+  that runs differing only in `config.seed` (an ablation's seeds) share one compiled step.
 
   metrics["finite"] says whether the loss, the gradient norm and the updated state are all
   finite; with `skip_nonfinite` a step where they are not keeps the old parameters, optimizer
   state and batch-norm statistics (only the step counter advances, with the data).
   """
 
-  def train_step(state: train_state.TrainState, batch: dict[str, jax.Array]):
+  def train_step(seed: jax.Array, state: train_state.TrainState, batch: dict[str, jax.Array]):
+    base_rng = jax.random.fold_in(jax.random.key(seed), 1)
     rng = jax.random.fold_in(base_rng, state.step)
 
     def loss_fn(params, rest):
@@ -121,12 +125,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses
 
 def train_step_of_config(config: ml_collections.ConfigDict, graphdef,
                          tx: optax.GradientTransformation):
-  """`make_train_step` as `config` asks for it (loss, SpecAugment, seed, non-finite policy):
-  the step `train_and_evaluate` runs, for the trainer and the benchmarks alike."""
-  base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  """`make_train_step` as `config` asks for it (loss, SpecAugment, non-finite policy): the
+  step `train_and_evaluate` runs, for the trainer and the benchmarks alike; its first argument
+  is `step_seed(config, mesh)`."""
   loss_cfg = losses.LossConfig(**config.loss.to_dict())
-  return make_train_step(graphdef, tx, loss_cfg, bool(config.data.spec_augment), base_rng,
+  return make_train_step(graphdef, tx, loss_cfg, bool(config.data.spec_augment),
                          skip_nonfinite=bool(config.skip_nonfinite_steps))
+
+
+def step_seed(config: ml_collections.ConfigDict, mesh=None) -> jax.Array:
+  """`config.seed` as the training step's first argument (replicated over `mesh`)."""
+  value = np.asarray(config.seed, np.int32)
+  if mesh is None:
+    return jnp.asarray(value)
+  return jax.make_array_from_callback((), sharding.replicated(mesh), lambda _: value)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -215,10 +227,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   # == Step ===================================================================================
   step_fn = jax.jit(
       train_step_of_config(config, graphdef, tx),
-      in_shardings=(run.state_sharding, sharding.batch_sharding(mesh)),
+      in_shardings=(sharding.replicated(mesh), run.state_sharding,
+                    sharding.batch_sharding(mesh)),
       out_shardings=(run.state_sharding, sharding.replicated(mesh)),
-      donate_argnums=(0,))
-  step_fn = _log_first_call(step_fn)  # "compiling the training step..." / "compiled in N s"
+      donate_argnums=(1,))
+  # "compiling the training step..." / "compiled in N s"; called as step_fn(state, batch).
+  step_fn = _log_first_call(functools.partial(step_fn, step_seed(config, mesh)))
 
   # == Evals ==================================================================================
   writer = MetricWriter(workdir, start_step) if run.is_main else None
