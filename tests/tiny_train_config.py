@@ -52,8 +52,9 @@ def tiny_config(data_dir: pathlib.Path | str = "", minilm_dir: pathlib.Path | st
 
 
 def get_config(arg=None):
-  del arg
-  return tiny_config(final_eval_split="test")
+  c = tiny_config(final_eval_split="test")
+  base.apply_ablation(c, base.parse_arg(arg).get("ablation", "full"))
+  return c
 
 
 def save_random_checkpoint(workdir: pathlib.Path, minilm_dir: pathlib.Path | str, seed: int = 3
