@@ -198,13 +198,18 @@ def run_one(spec: str, variant: str, seed: int, overrides: Sequence[str],
     out["metrics"], out["ranks"] = test_results.read(directory)
     out["status"] = "finished"
   except (FileNotFoundError, test_results.IncompleteResultsError) as e:
-    failed = not isinstance(e, FileNotFoundError)
     out["status"] = "failed"
-    out["error"] = str(e) if failed else (f"{_last_error(directory / RUN_LOG)} (exit "
-                                         f"{record['attempts'][-1]['status']}; log: "
-                                         f"{directory / RUN_LOG})")
+    out["error"] = str(e) if not isinstance(e, FileNotFoundError) else _no_results(
+        directory, record["attempts"][-1]["status"])
     log.error("%s seed %d failed: %s", variant, seed, out["error"])
   return out
+
+
+def _no_results(directory: pathlib.Path, status: int) -> str:
+  if status == 0:  # trained, but the config names no test split
+    return (f"{directory} has no {test_results.METRICS_FILE}: the run ended without a test "
+            "evaluation; the config must name a test split (--config.final_eval_split=test)")
+  return f"{_last_error(directory / RUN_LOG)} (exit {status}; log: {directory / RUN_LOG})"
 
 
 def _json_safe(x):
