@@ -18,6 +18,7 @@ This module imports neither JAX nor TensorFlow (data_pipelines.prepare uses it).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import logging
@@ -177,11 +178,12 @@ def parse(define: Callable[[flags.FlagValues], None], argv: Sequence[str] | None
     UsageError: an unknown flag, a bad value, a missing config file or an unknown config key.
     SystemExit(0): after printing the help for --help.
   """
+  args = list(sys.argv[1:] if argv is None else argv)
   fv = flags.FlagValues()
-  define(fv)
+  with _sys_argv([prog, *args]):
+    define(fv)
   flags.DEFINE_bool("verbose", False, f"On an error, also print the traceback (or set "
                     f"{VERBOSE_ENV}=1).", flag_values=fv)
-  args = list(sys.argv[1:] if argv is None else argv)
   if any(a in HELP_FLAGS for a in args[:args.index("--") if "--" in args else len(args)]):
     print(f"{doc.strip()}\n\nflags of {prog}:\n{fv.get_help(include_special_flags=False)}")
     raise SystemExit(0)
@@ -189,7 +191,8 @@ def parse(define: Callable[[flags.FlagValues], None], argv: Sequence[str] | None
     flags.FLAGS.mark_as_parsed()
   _check_config_files(fv, args)
   try:
-    rest = fv([prog, *args])[1:]
+    with _sys_argv([prog, *args]):
+      rest = fv([prog, *args])[1:]
   except flags.Error as e:
     required = re.match(r"flag --(\w+)=None: Flag --\1 must have a value other than None", str(e))
     if required:
@@ -198,6 +201,19 @@ def parse(define: Callable[[flags.FlagValues], None], argv: Sequence[str] | None
   except (AttributeError, KeyError) as e:  # config_flags: an override of a key the file lacks
     raise UsageError(_override_problem(fv, args) or f"{type(e).__name__}: {e}") from None
   return fv, rest
+
+
+@contextlib.contextmanager
+def _sys_argv(argv: list[str]) -> Iterator[None]:
+  """sys.argv = argv for a while: config_flags defines the `--config.KEY` override flags (and
+  reads their values) from sys.argv, not from the argv it parses; a command run in-process
+  with other arguments (tests, hade_jax.ablate) would otherwise lose its overrides."""
+  saved = sys.argv
+  sys.argv = argv
+  try:
+    yield
+  finally:
+    sys.argv = saved
 
 
 def _flag_values_in(args: Sequence[str], name: str) -> Iterator[str]:

@@ -37,6 +37,10 @@ class Scored:
   split: data.EvalSplit
   metrics: dict[str, float]
 
+  def query_ranks(self) -> dict:
+    """Per-query ranks (`metrics.query_ranks`) behind `metrics`: saved with test results."""
+    return metrics.query_ranks(self.scores_AxT, self.split.caption_clip)
+
 
 def split_metrics(scores_AxT: np.ndarray, global_AxT: np.ndarray, caption_clip_T: np.ndarray,
                   *, true_recall: bool = False, intervals: bool = False,

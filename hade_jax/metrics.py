@@ -128,17 +128,41 @@ def _summary(prefix: str, per_query: dict[str, np.ndarray]) -> dict[str, float]:
 def per_query_metrics(scores_AxT: np.ndarray, caption_clip_T: np.ndarray, *,
                       true_recall: bool = False) -> dict[str, dict[str, np.ndarray]]:
   """Per-query values whose means are the reported metrics (percent for R and mAP)."""
-  caption_clip_T = np.asarray(caption_clip_T)
-  r_T = t2a_ranks(scores_AxT, caption_clip_T)
+  return per_query_from_ranks(query_ranks(scores_AxT, caption_clip_T), true_recall=true_recall)
+
+
+def query_ranks(scores_AxT: np.ndarray, caption_clip_T: np.ndarray
+                ) -> dict[str, np.ndarray | list[list[int]]]:
+  """The ranks every per-query metric is computed from, as JSON-ready values.
+
+  Returns {'t2a': [T] rank of each caption's clip, 'a2t': for each clip the ascending ranks
+  of its ground-truth captions (a list per clip: clips may have different numbers)}.
+  `per_query_from_ranks` turns them into per-query R@k / mAP@10 (the test set's
+  `test_ranks.json` holds them, so that `hade_jax.ablate` can resample queries).
+  """
+  ranks_AxG, valid_AxG = a2t_gt_ranks(scores_AxT, caption_clip_T)
+  return {"t2a": t2a_ranks(scores_AxT, caption_clip_T).tolist(),
+          "a2t": [r[v].tolist() for r, v in zip(ranks_AxG, valid_AxG, strict=True)]}
+
+
+def per_query_from_ranks(ranks: dict, *, true_recall: bool = False
+                         ) -> dict[str, dict[str, np.ndarray]]:
+  """Per-query R@k, mAP@10 (percent) and 'rank' of `query_ranks`' output (or its JSON)."""
+  r_T = np.asarray(ranks["t2a"], np.int64)
   t2a = {f"R@{k}": 100.0 * (r_T <= k) for k in KS}
   t2a["mAP@10"] = 100.0 * np.where(r_T <= 10, 1.0 / r_T, 0.0)
   t2a["rank"] = r_T.astype(np.float64)
 
-  ranks_AxG, valid_AxG = a2t_gt_ranks(scores_AxT, caption_clip_T)
-  best_A = ranks_AxG[:, 0]
+  per_clip = [sorted(int(x) for x in r) for r in ranks["a2t"]]
+  n_gt_A = np.array([len(r) for r in per_clip], np.int64)
+  g = int(n_gt_A.max()) if len(per_clip) else 0
+  ranks_AxG = np.full((len(per_clip), g), np.iinfo(np.int64).max // 2, np.int64)
+  for a, r in enumerate(per_clip):
+    ranks_AxG[a, :len(r)] = r
+  valid_AxG = np.arange(g)[None, :] < n_gt_A[:, None]
+  best_A = ranks_AxG[:, 0] if g else np.zeros(len(per_clip), np.int64)
   a2t = {f"R@{k}": 100.0 * (best_A <= k) for k in KS}
-  n_gt_A = valid_AxG.sum(1)
-  j_AxG = np.arange(1, ranks_AxG.shape[1] + 1)[None, :]
+  j_AxG = np.arange(1, g + 1)[None, :]
   hit_AxG = valid_AxG & (ranks_AxG <= 10)
   prec_AxG = np.where(hit_AxG, j_AxG / np.maximum(ranks_AxG, 1), 0.0)
   a2t["mAP@10"] = 100.0 * prec_AxG.sum(1) / np.maximum(n_gt_A, 1)

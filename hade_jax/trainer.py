@@ -55,6 +55,7 @@ from hade_jax import (
     preemption,
     preflight,
     sharding,
+    test_results,
     train_state,
     validation,
 )
@@ -380,13 +381,15 @@ class _Evals:
     else:
       best_state = state
     split = data.eval_split(config, run.source, config.final_eval_split)
-    m = self.retrieval_eval.evaluate(_eval_model(run.graphdef, best_state, run.mesh),
-                                     split).metrics
+    scored = self.retrieval_eval.evaluate(_eval_model(run.graphdef, best_state, run.mesh),
+                                          split)
+    m = scored.metrics
     if self.writer:
       self.writer.write(step, {f"test/{k}": v for k, v in m.items()})
-      (run.workdir / "test_metrics.json").write_text(json.dumps(
-          {"split": config.final_eval_split, "clips": split.clip_names,
-           "tie_rule": metrics.TIE_RULE, "metrics": m}, indent=2))
+      # Per-query ranks beside the metrics: multi-seed comparisons resample the test queries.
+      test_results.write(run.workdir, split=config.final_eval_split, clips=split.clip_names,
+                         caption_clip=split.caption_clip, values=m,
+                         ranks=scored.query_ranks())
       log.info("test split %r (%d clips, %d captions), best checkpoint:\n%s",
                config.final_eval_split, len(split.clip_ids), len(split.caption_clip),
                metrics.format_table(m))
@@ -486,8 +489,9 @@ def _log_results(workdir: pathlib.Path) -> None:
     steps = [int(p.name) for p in (workdir / folder).glob("*") if p.name.isdigit()]
     return f"{folder}/{max(steps)}" if steps else ""
 
-  found = [name for name in ("metrics.jsonl", "test_metrics.json", "tensorboard")
-           if (workdir / name).exists()] + [x for x in (newest("checkpoints"), newest("best")) if x]
+  names = ("metrics.jsonl", test_results.METRICS_FILE, test_results.RANKS_FILE, "tensorboard")
+  found = ([name for name in names if (workdir / name).exists()]
+           + [x for x in (newest("checkpoints"), newest("best")) if x])
   best = newest("best")
   best_text = (f"best checkpoint {workdir / best}" if best
                else "no best checkpoint (no validation ran)")

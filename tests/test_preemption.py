@@ -24,7 +24,7 @@ from tests.tiny_train_config import tiny_config
 STEPS = 8
 # The text tower is frozen, so every stop and resume also goes through the frozen store
 # (hade_jax/checkpoints/frozen.py).
-OVERRIDES = dict(variant="frozen_text", total_steps=STEPS, checkpoint_every_steps=100,
+OVERRIDES = dict(variant="frozen=text", total_steps=STEPS, checkpoint_every_steps=100,
                  keep_checkpoints=3)
 
 

@@ -52,18 +52,22 @@ def tiny_config(data_dir: pathlib.Path | str = "", minilm_dir: pathlib.Path | st
 
 
 def get_config(arg=None):
-  """`--config=tests/tiny_train_config.py[:frozen_text]`; with `frozen_text` the text tower is a
-  frozen group (stored once per workdir, as the demo's is)."""
-  if arg not in (None, "", "frozen_text"):
-    raise ValueError(f"unknown tiny config variant {arg!r}; use 'frozen_text' or nothing")
+  """`--config=tests/tiny_train_config.py[:ablation=NAME,frozen=text]`: an ablation variant
+  (configs/base.py ABLATIONS), and with `frozen=text` the text tower a frozen group (stored
+  once per workdir, as the demo's is)."""
+  args = base.parse_arg(arg)
+  if sorted(set(args) - {"ablation", "frozen"}) or args.get("frozen", "text") != "text":
+    raise ValueError(f"unknown tiny config argument {arg!r}; use ablation=NAME and/or frozen=text")
   overrides = {}
-  if arg == "frozen_text":
+  if args.get("frozen") == "text":
     overrides = {"optim.groups": (("^text_encoder/", "text"), (".*", "rest")),
                  "optim.lr": base.ml_collections.ConfigDict({"text": 0.0, "rest": 1e-3}),
                  "optim.weight_decay": base.ml_collections.ConfigDict({"text": 0.0,
                                                                        "rest": 0.01}),
                  "optim.frozen": ("text",)}
-  return tiny_config(final_eval_split="test", **overrides)
+  c = tiny_config(final_eval_split="test", **overrides)
+  base.apply_ablation(c, args.get("ablation", "full"))
+  return c
 
 
 def save_random_checkpoint(workdir: pathlib.Path, minilm_dir: pathlib.Path | str, seed: int = 3
