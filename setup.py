@@ -37,6 +37,7 @@ setuptools.setup(
             "hade-eval = hade_jax.eval:run",
             "hade-search = hade_jax.search:run",
             "hade-prepare = data_pipelines.prepare:run",
+            "hade-export = hade_jax.export:run",
         ],
     },
     extras_require={

@@ -13,7 +13,8 @@ import setuptools
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPECTED = {"hade-train": "hade_jax.train", "hade-eval": "hade_jax.eval",
-            "hade-search": "hade_jax.search", "hade-prepare": "data_pipelines.prepare"}
+            "hade-search": "hade_jax.search", "hade-prepare": "data_pipelines.prepare",
+            "hade-export": "hade_jax.export"}
 
 
 def console_scripts(monkeypatch) -> dict[str, str]:
