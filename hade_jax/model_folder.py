@@ -244,16 +244,18 @@ def load(folder: str | os.PathLike, config: ml_collections.ConfigDict | None = N
 
 def _check_names(path: pathlib.Path, want: Mapping[str, Any],
                  tensors: Mapping[str, np.ndarray]) -> None:
+  def listed(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+
   missing = sorted(want.keys() - tensors.keys())
   unused = sorted(tensors.keys() - want.keys())
-  shapes = [f"{k}: {tuple(tensors[k].shape)}, the config builds {tuple(want[k].shape)}"
-            for k in sorted(want.keys() & tensors.keys())
-            if tuple(tensors[k].shape) != tuple(want[k].shape)]
-  problems = ([f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"]
-              if missing else [])
-  problems += [f"not in the model: {', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}"]\
-      if unused else []
-  problems += shapes[:5]
+  problems = [f"{k}: {tuple(tensors[k].shape)}, the config builds {tuple(want[k].shape)}"
+              for k in sorted(want.keys() & tensors.keys())
+              if tuple(tensors[k].shape) != tuple(want[k].shape)][:5]
+  if missing:
+    problems.insert(0, f"missing {listed(missing)}")
+  if unused:
+    problems.insert(0, f"not in the model: {listed(unused)}")
   if problems:
     raise FolderError(f"{path} does not fit the model its {CONFIG_FILE} describes ("
                       + "; ".join(problems) + "): export the model again")

@@ -1,7 +1,7 @@
 """Portable model folders (`Hade.save` / `Hade.load`, `python -m hade_jax.export`) and the
 Hugging Face ClapModel export.
 
-One tiny training run (4 steps: checkpoints/2, checkpoints/4, best/4) is shared by the module;
+One tiny training run (checkpoints/2, checkpoints/4, best/2) is shared by the module;
 the ClapModel round trip builds a small random ClapModel (no download).
 """
 
@@ -35,9 +35,21 @@ TEXTS = ["a dog barks twice", "rain falls on a metal roof", "a car passes"]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_data, minilm_dir) -> pathlib.Path:
-  """A tiny HADE trained 4 steps (a checkpoint every 2 steps, validation at the end)."""
+  """A tiny HADE trained 4 steps: checkpoints/2 and checkpoints/4, and best/2.
+
+  The run stops before its last step, so the trainer skips its evaluations (their compiles
+  would double the fixture's time); step 2 is then made the best by the trainer's own
+  manager, so that 'best' and 'latest' are different steps.
+  """
   workdir = tmp_path_factory.mktemp("wd")
-  trainer.train_and_evaluate(tiny_config(tiny_data, minilm_dir, final_eval_split=""), workdir)
+  config = tiny_config(tiny_data, minilm_dir, total_steps=5, max_steps_per_run=4,
+                       final_eval_split="")
+  trainer.train_and_evaluate(config, workdir)
+  step_dir = workdir / "checkpoints" / "2"
+  ckpt = checkpoints.Checkpoints(workdir, keep=3, best_metric=config.best_metric)
+  assert ckpt.save_best(2, checkpoints.read_state(step_dir), checkpoints.saved_config(step_dir),
+                        {config.best_metric: 1.0})
+  ckpt.close()
   return workdir
 
 
@@ -97,6 +109,26 @@ def test_export_damaged_safetensors_is_refused(saved, tmp_path):
     api.Hade.load(copy)
 
 
+def test_export_weights_that_do_not_fit_the_config_are_refused(saved, tmp_path):
+  _, folder = saved
+  copy = tmp_path / "copy"
+  copy.mkdir()
+  for f in folder.iterdir():
+    (copy / f.name).write_bytes(f.read_bytes())
+  record = json.loads((copy / "config.json").read_text())
+  record["config"]["model"]["heads"]["embed_dim"] = 8  # the weights were saved with 16
+  (copy / "config.json").write_text(json.dumps(record))
+  with pytest.raises(model_folder.FolderError) as e:
+    api.Hade.load(copy)
+  assert str(copy / "model.safetensors") in str(e.value)
+  assert "heads.audio_projection.linear1.kernel: (64, 16), the config builds (64, 8)" in str(
+      e.value)
+  # A Hugging Face folder is not a model folder: the error lists what a path may be.
+  (copy / "config.json").write_text(json.dumps({"model_type": "clap"}))
+  with pytest.raises(FileNotFoundError, match="a model folder"):
+    api.Hade.load(copy)
+
+
 def test_export_folder_loads_without_orbax_tfds_or_grain(saved):
   _, folder = saved
   code = (f"import sys; from hade_jax import api; h = api.Hade.load({str(folder)!r}); "
@@ -119,11 +151,11 @@ def test_export_command_which_best_latest_and_step(trained, tmp_path):
     record = json.loads((tmp_path / which / "config.json").read_text())
     sources[which] = record["source"]["path"]
     assert result["source"] == sources[which]
-  assert sources == {"best": str(trained / "best" / "4"),
+  assert sources == {"best": str(trained / "best" / "2"),
                      "latest": str(trained / "checkpoints" / "4"),
                      "2": str(trained / "checkpoints" / "2")}
   prints = {w: api.Hade.load(tmp_path / w).fingerprint() for w in ("best", "latest", "2")}
-  assert prints["best"] == prints["latest"] != prints["2"]  # best/4 holds step 4's weights
+  assert prints["best"] == prints["2"] != prints["latest"]
 
 
 def test_export_command_errors_without_traceback(trained, tmp_path, capsys):

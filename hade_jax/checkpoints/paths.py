@@ -50,8 +50,9 @@ def step_dir(path: str | os.PathLike, which: str = "best") -> pathlib.Path:
       return found
   raise FileNotFoundError(
       f"no checkpoint in {path}: expected a training workdir (best/<step>/state or "
-      "checkpoints/<step>/state), a checkpoints folder (<step>/state) or a step folder "
-      "(state/, config/); train one with python -m hade_jax.train --workdir=...")
+      "checkpoints/<step>/state), a checkpoints folder (<step>/state), a step folder "
+      "(state/, config/) or a model folder (config.json, model.safetensors: python -m "
+      "hade_jax.export); train one with python -m hade_jax.train --workdir=...")
 
 
 def _numbered_step(path: pathlib.Path, step: int) -> pathlib.Path:
