@@ -43,6 +43,7 @@ setuptools.setup(
             "hade-prepare = data_pipelines.prepare:run",
             "hade-classify = hade_jax.classify:run",
             "hade-report = hade_jax.report:run",
+            "hade-export = hade_jax.export:run",
         ],
     },
     extras_require={

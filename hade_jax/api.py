@@ -2,6 +2,8 @@
 
   from hade_jax import api
   hade = api.Hade.load("/tmp/hade_demo")                # a workdir (its best step) or a step dir
+  hade.save("/tmp/hade_model")                          # a portable model folder (model_folder)
+  hade = api.Hade.load("/tmp/hade_model")               # ... loads without orbax, TFDS or Grain
   clips = hade.embed_audio(["a.wav", "b.flac"])         # any format soundfile reads
   clips = hade.embed_audio([wave], sample_rate=44_100)  # or arrays (rate required)
   texts = hade.embed_text(["a dog barks", "rain on a roof"])
@@ -23,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import logging
 import os
 import pathlib
 from collections.abc import Sequence
@@ -35,10 +38,22 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from data_pipelines import audio_io, policy
-from hade_jax import checkpoints, hade, metrics, retrieval, tokenizer, validation, zero_shot
+from hade_jax import (
+  checkpoints,
+  hade,
+  metrics,
+  model_folder,
+  retrieval,
+  tokenizer,
+  validation,
+  zero_shot,
+)
 from hade_jax import heads as hade_heads
 
+log = logging.getLogger("hade_jax.api")
+
 MemoryIndex = retrieval.MemoryIndex
+CHECKPOINT_KIND = "training checkpoint"  # `Hade.kind` of weights read from a training run
 AudioItem = str | os.PathLike | np.ndarray
 
 
@@ -52,8 +67,13 @@ def load_model(path: str | os.PathLike, config: ml_collections.ConfigDict | None
   """(model, config, step directory) of a checkpoint; weights land replicated on `mesh`.
 
   Only the parameters and batch-norm statistics are read (not the optimizer state). `config`
-  defaults to the one saved with the checkpoint.
+  defaults to the one saved with the checkpoint. A portable model folder (`model_folder`)
+  loads too (`which` does not apply; its folder takes the step directory's place).
   """
+  mesh = mesh if mesh is not None else retrieval.device_mesh()
+  if model_folder.is_model_folder(path):
+    model, config = model_folder.load(path, config, mesh=mesh)
+    return model, config, pathlib.Path(path).expanduser().absolute()
   step_dir = checkpoints.step_dir(path, which)
   if config is None:
     config = ml_collections.ConfigDict(checkpoints.saved_config(step_dir))
@@ -61,7 +81,6 @@ def load_model(path: str | os.PathLike, config: ml_collections.ConfigDict | None
   cfg = hade.model_config(config)
   abstract = nnx.eval_shape(lambda: hade.HadeModel(cfg, rngs=nnx.Rngs(0)))
   graphdef, params, rest = hade.split_model(abstract)
-  mesh = mesh if mesh is not None else retrieval.device_mesh()
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                         {"params": params, "rest": rest})
@@ -214,12 +233,15 @@ class Hade:
     model: the HadeModel (weights replicated on the mesh).
     config: the training config (data.* gives tokenizer, crop and padding; eval_* the sizes).
     encoder: the jitted, sharded encoders (`retrieval.Encoder`).
-    checkpoint: the step directory the weights came from ('' when built in memory).
+    checkpoint: the step directory or model folder the weights came from ('' when built in
+      memory).
+    kind: where the weights came from: `CHECKPOINT_KIND`, `model_folder.KIND` or 'in memory'.
   """
 
   def __init__(self, model: hade.HadeModel, config: ml_collections.ConfigDict, *,
-               mesh: Mesh | None = None, checkpoint: str | os.PathLike = ""):
-    self.model, self.config = model, config
+               mesh: Mesh | None = None, checkpoint: str | os.PathLike = "",
+               kind: str = "in memory"):
+    self.model, self.config, self.kind = model, config, kind
     self.encoder = retrieval.Encoder(model, mesh)
     self.checkpoint = str(checkpoint)
     d = config.data
@@ -236,10 +258,40 @@ class Hade:
   @classmethod
   def load(cls, path: str | os.PathLike, config: ml_collections.ConfigDict | None = None, *,
            which: str = "best", mesh: Mesh | None = None) -> Hade:
-    """From a workdir, a checkpoints folder or a step folder (`checkpoints.step_dir`)."""
+    """From a portable model folder (`save`), or a training run: a workdir, a checkpoints
+    folder or a step folder (`checkpoints.step_dir`; `which`: 'best', 'latest' or a step).
+
+    `kind` tells which it was (`model_folder.KIND` or `CHECKPOINT_KIND`).
+    """
     mesh = mesh if mesh is not None else retrieval.device_mesh()
-    model, config, step_dir = load_model(path, config, which=which, mesh=mesh)
-    return cls(model, config, mesh=mesh, checkpoint=step_dir)
+    kind = model_folder.KIND if model_folder.is_model_folder(path) else CHECKPOINT_KIND
+    model, config, source = load_model(path, config, which=which, mesh=mesh)
+    log.info("loaded a %s from %s", kind, source)
+    return cls(model, config, mesh=mesh, checkpoint=source, kind=kind)
+
+  def save(self, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
+           overwrite: bool = False) -> pathlib.Path:
+    """Writes a portable model folder (`model_folder`): config.json, model.safetensors and
+    the tokenizer files (default config.data.tokenizer_dir), no optimizer state."""
+    source = {"kind": self.kind, "path": self.checkpoint}
+    if self.kind == CHECKPOINT_KIND and pathlib.Path(self.checkpoint).name.isdigit():
+      source["step"] = int(pathlib.Path(self.checkpoint).name)
+    return model_folder.save(self.model, self.config, out_dir, tokenizer_dir=tokenizer_dir,
+                             source=source, overwrite=overwrite)
+
+  def save_clap(self, out_dir: str | os.PathLike, *,
+                tokenizer_dir: str | os.PathLike | None = None,
+                overwrite: bool = False) -> pathlib.Path:
+    """Writes a Hugging Face `ClapModel` folder of the towers and projections
+    (`convert.clap.export_clap`); raises `convert.clap.NotClapShapedError` listing what
+    differs when the model is not CLAP-shaped."""
+    from hade_jax.convert import clap as convert_clap  # only exports need the rename tables
+
+    d = self.config.data
+    return convert_clap.export_clap(
+        self.model, out_dir, crop_seconds=d.crop_seconds, pad_mode=d.pad_mode,
+        tokenizer_dir=d.tokenizer_dir if tokenizer_dir is None else tokenizer_dir,
+        overwrite=overwrite)
 
   @property
   def tokenizer(self) -> tokenizer.Tokenizer:

@@ -27,6 +27,10 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
+# Every file `Tokenizer` may read from its folder (what a portable model folder carries).
+FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer_config.json",
+         "special_tokens_map.json")
+
 
 class Tokenizer:
   """Fixed-length tokenizer over a text tower's tokenizer files.

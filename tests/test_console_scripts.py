@@ -16,7 +16,8 @@ EXPECTED = {"hade-train": "hade_jax.train", "hade-eval": "hade_jax.eval",
             "hade-search": "hade_jax.search", "hade-prepare": "data_pipelines.prepare",
             "hade-serve": "hade_jax.serve",
             "hade-classify": "hade_jax.classify",
-            "hade-report": "hade_jax.report"}
+            "hade-report": "hade_jax.report",
+            "hade-export": "hade_jax.export"}
 
 
 def console_scripts(monkeypatch) -> dict[str, str]:

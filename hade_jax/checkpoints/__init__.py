@@ -28,7 +28,19 @@ next run opens the workdir.
 
 from hade_jax.checkpoints.integrity import CorruptCheckpointError, state_checksums, verify
 from hade_jax.checkpoints.paths import latest_step, read_meta, saved_config, step_dir
-from hade_jax.checkpoints.store import Checkpoints, Restored, load, read_state, restore_state
+
+# `store` imports orbax: loaded on first use, so that what only reads paths, meta and
+# checksums (a portable model folder, `api` before it opens a checkpoint) never imports orbax.
+_STORE_NAMES = ("Checkpoints", "Restored", "load", "read_state", "restore_state")
+
+
+def __getattr__(name: str):
+  if name in _STORE_NAMES:
+    from hade_jax.checkpoints import store
+
+    return getattr(store, name)
+  raise AttributeError(f"module 'hade_jax.checkpoints' has no attribute {name!r}")
+
 
 __all__ = [
     "Checkpoints", "CorruptCheckpointError", "Restored", "latest_step", "load", "read_meta",

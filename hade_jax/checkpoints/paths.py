@@ -16,6 +16,9 @@ from hade_jax.checkpoints import integrity
 
 log = logging.getLogger("hade_jax.checkpoints")
 
+# The named steps of a workdir `step_dir` accepts (besides a step number); 'latest' = 'last'.
+WHICH = ("best", "last", "latest")
+
 
 def step_dir(path: str | os.PathLike, which: str = "best") -> pathlib.Path:
   """The step directory a workdir, a manager directory or a step directory points at.
@@ -24,13 +27,17 @@ def step_dir(path: str | os.PathLike, which: str = "best") -> pathlib.Path:
     path: a training workdir (holding `best/` and `checkpoints/`), a manager directory
       (`.../checkpoints` or `.../best`) or one step directory (`.../checkpoints/1200`).
     which: for a workdir, 'best' (the best validation step; the last step when the run kept
-      no best) or 'last'.
+      no best), 'last' (or 'latest'), or a step number (`checkpoints/<step>`, else
+      `best/<step>`; in a manager directory, `<step>`).
   """
   path = pathlib.Path(path).expanduser().absolute()
-  if which not in ("best", "last"):
-    raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+  which = str(which)
+  if which not in WHICH and not which.isdigit():
+    raise ValueError(f"which must be one of {', '.join(WHICH)} or a step number, got {which!r}")
   if (path / "state").is_dir():
     return path
+  if which.isdigit():
+    return _numbered_step(path, int(which))
   if (path / "checkpoints").is_dir() or (path / "best").is_dir():
     order = ("best", "checkpoints") if which == "best" else ("checkpoints", "best")
     for sub in order:
@@ -43,8 +50,24 @@ def step_dir(path: str | os.PathLike, which: str = "best") -> pathlib.Path:
       return found
   raise FileNotFoundError(
       f"no checkpoint in {path}: expected a training workdir (best/<step>/state or "
-      "checkpoints/<step>/state), a checkpoints folder (<step>/state) or a step folder "
-      "(state/, config/); train one with python -m hade_jax.train --workdir=...")
+      "checkpoints/<step>/state), a checkpoints folder (<step>/state), a step folder "
+      "(state/, config/) or a model folder (config.json, model.safetensors: python -m "
+      "hade_jax.export); train one with python -m hade_jax.train --workdir=...")
+
+
+def _numbered_step(path: pathlib.Path, step: int) -> pathlib.Path:
+  """Step `step` of a workdir (checkpoints/ first, then best/) or of a manager directory."""
+  managers = [path / "checkpoints", path / "best"]
+  if not any(d.is_dir() for d in managers):
+    managers = [path]
+  for directory in managers:
+    if (directory / str(step) / "state").is_dir():
+      return directory / str(step)
+  have = sorted({int(p.name) for d in managers if d.is_dir() for p in d.iterdir()
+                 if p.name.isdigit() and (p / "state").is_dir()})
+  raise FileNotFoundError(
+      f"no step {step} in {path}: the finished steps there are {have or 'none'} (pass one of "
+      "them, or 'best' / 'latest')")
 
 
 def latest_step(directory: pathlib.Path) -> pathlib.Path | None:

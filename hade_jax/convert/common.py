@@ -219,3 +219,30 @@ def import_params(
       continue
     (report.expected_unused if any(e.search(k) for e in expected) else report.unused).append(k)
   return report
+
+
+# ---------------------------------------------------------------------------------------------
+# The reverse direction: hade_jax modules -> HF names and PyTorch layouts (exports).
+
+
+def to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+  """Flax layout -> PyTorch tensor layout: the inverse of `to_flax_layout`."""
+  if leaf == "kernel":
+    if value.ndim == 2:  # Linear: [in, out] -> [out, in]
+      return value.T
+    if value.ndim == 3:  # Conv1d: [w, in, out] -> [out, in, w]
+      return value.transpose(2, 1, 0)
+    if value.ndim == 4:  # Conv2d: [h, w, in, out] -> [out, in, h, w]
+      return value.transpose(3, 2, 0, 1)
+  return value
+
+
+def export_params(module: nnx.Module, prefix: str,
+                  name_fn: Callable[[Path], str] = default_hf_name) -> dict[str, np.ndarray]:
+  """Every variable of `module` as {prefix + HF key: float32 array in PyTorch layout}: the
+  inverse of `import_params` with the same rename table."""
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(module)):
+    value = np.asarray(var.get_value(), dtype=np.float32)
+    out[prefix + name_fn(path)] = np.ascontiguousarray(to_torch_layout(str(path[-1]), value))
+  return out
