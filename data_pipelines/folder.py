@@ -39,6 +39,16 @@ DEFAULT_TEMPLATES = ("the sound of {label}", "a recording of {label}", "{label} 
 _WIDE = re.compile(r"caption_\d+")
 
 
+def default_split_csvs() -> dict[str, str]:
+  """No per-split CSVs (`FolderSpec.split_csvs`)."""
+  return {s: "" for s in SPLITS}
+
+
+def default_split_values() -> dict[str, tuple[str, ...]]:
+  """A split column holding the split names ('train', 'validation', 'test')."""
+  return {s: (s,) for s in SPLITS}
+
+
 @dataclasses.dataclass(frozen=True)
 class FolderSpec:
   """How to read a folder of audio and its CSV(s); relative paths are under the folder.
@@ -57,13 +67,12 @@ class FolderSpec:
 
   name: str = "folder"
   csv: str = ""
-  split_csvs: Mapping[str, str] = dataclasses.field(
-      default_factory=lambda: {s: "" for s in SPLITS})
+  split_csvs: Mapping[str, str] = dataclasses.field(default_factory=default_split_csvs)
   audio_dir: str = ""
   file_column: str = "file_name"
   split_column: str = "split"
   split_values: Mapping[str, Sequence[str]] = dataclasses.field(
-      default_factory=lambda: {s: (s,) for s in SPLITS})
+      default_factory=default_split_values)
   label_column: str = ""
   templates: Sequence[str] = DEFAULT_TEMPLATES
 

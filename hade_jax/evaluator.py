@@ -40,14 +40,21 @@ class Scored:
 
 def split_metrics(scores_AxT: np.ndarray, global_AxT: np.ndarray, caption_clip_T: np.ndarray,
                   *, true_recall: bool = False, intervals: bool = False,
-                  shortlists: Sequence[int] = ()) -> dict[str, float]:
+                  shortlists: Sequence[int] = (), clip_group_A: np.ndarray | None = None
+                  ) -> dict[str, float]:
   """The flat metrics dict: `metrics.retrieval_metrics` plus, per shortlist size S,
-  'two_stage@S/t2a/<metric>' and 'two_stage@S/t2a/<metric>/lost' (exhaustive minus two-stage)."""
+  'two_stage@S/t2a/<metric>' and 'two_stage@S/t2a/<metric>/lost' (exhaustive minus two-stage).
+  `clip_group_A` (a labels split's `EvalSplit.clip_group`) makes T2A class-level."""
   out = metrics.retrieval_metrics(scores_AxT, caption_clip_T, true_recall=true_recall,
-                                  intervals=intervals)
+                                  intervals=intervals, clip_group_A=clip_group_A)
   for s in shortlists:
-    ranks_T = metrics.two_stage_t2a_ranks(scores_AxT, global_AxT, caption_clip_T, int(s))
-    for name, value in metrics.t2a_from_ranks(ranks_T).items():
+    if clip_group_A is None:
+      ranks_T = metrics.two_stage_t2a_ranks(scores_AxT, global_AxT, caption_clip_T, int(s))
+      values = metrics.t2a_from_ranks(ranks_T)
+    else:
+      values = metrics.two_stage_t2a_class(scores_AxT, global_AxT, caption_clip_T,
+                                           clip_group_A, int(s))
+    for name, value in values.items():
       out[f"two_stage@{s}/t2a/{name}"] = value
       out[f"two_stage@{s}/t2a/{name}/lost"] = out[f"t2a/{name}"] - value
   return out
@@ -111,5 +118,6 @@ class RetrievalEvaluator:
   def evaluate(self, model: hade.HadeModel, split: data.EvalSplit) -> Scored:
     """Scores and metrics of `model` on `split` (every clip x every caption)."""
     scores_AxT, global_AxT = self.scores(model, split)
-    result = split_metrics(scores_AxT, global_AxT, split.caption_clip, **self.options)
+    result = split_metrics(scores_AxT, global_AxT, split.caption_clip,
+                           clip_group_A=split.clip_group, **self.options)
     return Scored(scores_AxT, global_AxT, split, result)
