@@ -142,19 +142,19 @@ def _columns(header: list[str], csv_path: pathlib.Path, spec: FolderSpec,
 
 
 def read_folder_csv(csv_path: os.PathLike | str, spec: FolderSpec, *,
-                    split_of_row: Mapping[str, str] | None = None, encoding: str = "auto",
+                    with_split: bool = False, encoding: str = "auto",
                     report: readers.Report | None = None) -> dict[str, list[readers.ClipEntry]]:
-  """Parses a captions or labels CSV into clips per split, in CSV order.
+  """Parses a captions or labels CSV into clips grouped by their split value, in CSV order.
 
   Args:
     csv_path: the CSV.
     spec: the columns and, for labels, the templates.
-    split_of_row: value of `spec.split_column` -> split; None = every row is in split ''.
+    with_split: group by the value of `spec.split_column` (else every clip is under '').
     encoding, report: as `readers.read_csv`.
 
   Returns:
-    {split: clips} (split None: rows whose split value no split takes); each clip has a
-    unique file name, at least one caption, and with labels `metadata['label']`.
+    {split value: clips}; each clip has a unique file name, at least one caption, and with
+    labels `metadata['label']`.
 
   Raises:
     readers.DataError: unreadable or empty file, a header without the columns the spec names,
@@ -163,7 +163,7 @@ def read_folder_csv(csv_path: os.PathLike | str, spec: FolderSpec, *,
   csv_path = pathlib.Path(csv_path)
   report = report if report is not None else readers.Report()
   header, rows = readers.read_csv(csv_path, encoding, report)
-  col = _columns(header, csv_path, spec, split_of_row is not None)
+  col = _columns(header, csv_path, spec, with_split)
   wide = [i for i, h in enumerate(header) if _WIDE.fullmatch(h)]
   long_col = header.index("caption") if "caption" in header and not wide else None
   clips: dict[str, readers.ClipEntry] = {}
@@ -178,9 +178,7 @@ def read_folder_csv(csv_path: os.PathLike | str, spec: FolderSpec, *,
       report.add(readers.Issue("malformed_row", str(csv_path), line,
                                f"blank {spec.file_column}; row skipped"))
       continue
-    split = ""
-    if split_of_row is not None:
-      split = split_of_row.get(fields[col[spec.split_column]].strip())
+    split = fields[col[spec.split_column]].strip() if with_split else ""
     entry = clips.get(name)
     if entry is not None and (spec.label_column or long_col is None):
       report.add(readers.Issue("duplicate_clip", str(csv_path), line, f"{name!r} already "
@@ -248,14 +246,16 @@ def load_splits(spec: FolderSpec, folder: os.PathLike | str, splits: Sequence[st
   parsed: dict[str, tuple[pathlib.Path, list[readers.ClipEntry]]] = {}
   if spec.csv:
     csv_path = _existing(folder / spec.csv, "CSV")
-    split_of_row = {str(v): s for s in splits for v in spec.split_values[s]}
     report = readers.Report(reports[splits[0]].strict) if splits else readers.Report()
-    by_split = read_folder_csv(csv_path, spec, split_of_row=split_of_row, encoding=encoding,
+    by_value = read_folder_csv(csv_path, spec, with_split=True, encoding=encoding,
                                report=report)
-    split_of_clip = {e.clip_id: s for s, es in by_split.items() if s for e in es}
-    for issue in report.issues:  # a row's issue goes to its split (else the first one)
+    for s in splits:  # a value may serve several splits (e.g. one fold for validation and test)
+      entries = [e for v in dict.fromkeys(map(str, spec.split_values[s]))
+                 for e in by_value.get(v, [])]
+      parsed[s] = (csv_path, sorted(entries, key=lambda e: e.clip_index))
+    split_of_clip = {e.clip_id: s for s in reversed(splits) for e in parsed[s][1]}
+    for issue in report.issues:  # a row's issue goes to its (first) split, else the first one
       reports[split_of_clip.get(issue.clip, splits[0])].add(issue)
-    parsed = {s: (csv_path, by_split.get(s, [])) for s in splits}
   else:
     for s in splits:
       csv_path = _existing(folder / spec.split_csvs[s], "CSV")

@@ -74,13 +74,8 @@ def open_dataset(config: ml_collections.ConfigDict, cfg: hade.HadeConfig) -> Dat
   icfg = input_config(config, cfg)
   try:
     input_pipeline.dataset_dir(icfg.data_dir, icfg.dataset, icfg.config)
-  except FileNotFoundError as e:
+  except FileNotFoundError:
     if not (config.data.prepare_if_missing and icfg.dataset in ("synthcaps", "folder")):
-      if icfg.dataset == "folder":  # its config name is a hash: the prepare flags must match
-        raise FileNotFoundError(
-            f"{e}\nA folder is prepared with the config's folder_* fields: run the training "
-            "once with --config.data.prepare_if_missing=True, or pass the same values to "
-            "python -m data_pipelines.prepare --dataset=folder --folder_*=...") from None
       raise
     if icfg.dataset == "folder":
       _prepare_folder(config, icfg)

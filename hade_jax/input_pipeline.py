@@ -128,6 +128,14 @@ def dataset_dir(data_dir: os.PathLike | str, dataset: str, config: str) -> pathl
     for p in root.iterdir():
       if tfds.core.Version.is_valid(p.name) and (p / "dataset_info.json").is_file():
         versions.append(tfds.core.Version(p.name))
+  if not versions and dataset == "folder":  # the config name is a hash of the folder_* fields
+    raise FileNotFoundError(
+        f"no prepared {dataset}/{config} in {data_dir}: expected {root}/<version>/"
+        "dataset_info.json. Let the training prepare your folder "
+        "(--config.data.prepare_if_missing=True with config.data.manual_dir), or run "
+        f"python -m data_pipelines.prepare --dataset=folder --config={config.split('_')[-1]} "
+        f"--manual_dir=/path/to/your/folder --data_dir={data_dir} with --folder_* flags equal "
+        "to the config's folder_* fields")
   if not versions:
     manual = "" if dataset == "synthcaps" else " --manual_dir=/path/to/your/download"
     raise FileNotFoundError(
