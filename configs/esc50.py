@@ -3,7 +3,7 @@
 Trains on the labels folder `esc50_dev` (../shared/data/esc50_dev: 1,000 real ESC-50 clips of
 folds 1, 2, 3 and 5 with `esc50_dev.csv` in the official `esc50.csv` layout): folds 1-2 train,
 fold 3 validation, fold 5 test. Each clip's captions are the templates of
-`config.data.folder_templates` filled with its class ('dog_bark' -> 'the sound of dog bark');
+`config.data.folder_templates` filled with its class ('dog_bark' -> 'The sound of dog bark.');
 clips of one class are positives for each other in the loss, and T2A is class-level (every
 clip of the caption's class is relevant; hade_jax/metrics.py).
 

@@ -9,8 +9,8 @@ Caption CSVs (columns found by name in the header):
 - long: one row per caption, `file_name,caption`; rows of a clip need not be adjacent (the
   clip takes the line of its first row, its captions in row order).
 Labels CSVs: `file_name,<label_column>,...` (ESC-50's `esc50.csv` as is, label_column
-'category'); every clip gets one caption per template, `template.format(label=...)` with
-underscores in the label read as spaces ('dog_bark' -> 'the sound of a dog bark').
+'category'); every clip gets one caption per template, its `{}` replaced by the label with
+underscores read as spaces ('The sound of {}.' + 'dog_bark' -> 'The sound of dog bark.').
 
 Splits: either one CSV per split (`split_csvs`), or one CSV whose `split_column` assigns each row
 (`split_values`: split -> the column values it takes, e.g. ESC-50 folds {'train': ('1', '2')}).
@@ -35,7 +35,11 @@ from collections.abc import Mapping, Sequence
 from data_pipelines import readers
 
 SPLITS = ("train", "validation", "test")
-DEFAULT_TEMPLATES = ("the sound of {label}", "a recording of {label}", "{label} can be heard")
+# CLAP's zero-shot prompts (hade_jax/zero_shot.py uses the same ones and placeholder), so
+# that a labels folder trains on the texts zero-shot classification asks with.
+DEFAULT_TEMPLATES = ("This is a sound of {}.", "A sound of {}.", "The sound of {}.",
+                     "A recording of {}.", "{} can be heard.")
+PLACEHOLDER = "{}"
 _WIDE = re.compile(r"caption_\d+")
 
 
@@ -62,7 +66,7 @@ class FolderSpec:
     split_column: the column of `csv` that assigns rows to splits.
     split_values: split -> the values of `split_column` it takes.
     label_column: labels variant: the column of class names ('' = captions).
-    templates: labels variant: caption templates with a `{label}` field.
+    templates: labels variant: caption templates, each with one `{}` for the label.
   """
 
   name: str = "folder"
@@ -90,11 +94,9 @@ class FolderSpec:
       if not self.templates:
         raise ValueError("a labels folder needs at least one caption template")
       for t in self.templates:
-        try:
-          t.format(label="x")
-        except (KeyError, IndexError, ValueError) as e:
-          raise ValueError(f"caption template {t!r} is not a format string with only a "
-                           f"{{label}} field ({type(e).__name__}: {e})") from None
+        if not isinstance(t, str) or t.count(PLACEHOLDER) != 1:
+          raise ValueError(f"caption template {t!r} needs exactly one {PLACEHOLDER} where the "
+                           "label goes, e.g. 'The sound of {}.'")
 
   def to_json(self) -> dict:
     """Every field, plain (sorted mappings, lists), as hashed into the config name."""
@@ -117,8 +119,8 @@ class FolderSpec:
 
 
 def label_caption(template: str, label: str) -> str:
-  """'the sound of {label}' + 'dog_bark' -> 'the sound of dog bark' (normalised)."""
-  return readers.normalize_caption(template.format(label=label.replace("_", " ")))
+  """'The sound of {}.' + 'dog_bark' -> 'The sound of dog bark.' (normalised)."""
+  return readers.normalize_caption(template.replace(PLACEHOLDER, label.replace("_", " ")))
 
 
 def _columns(header: list[str], csv_path: pathlib.Path, spec: FolderSpec,

@@ -102,7 +102,7 @@ def _define_folder_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("folder_label_column", "", "folder: labels variant: the class-name "
                       "column ('' = a captions CSV).", flag_values=fv)
   flags.DEFINE_multi_string("folder_template", list(folder.DEFAULT_TEMPLATES), "folder: "
-                            "caption templates with a {label} field (repeat the flag).",
+                            "caption templates, each with one {} for the label (repeat the flag).",
                             flag_values=fv)
 
 

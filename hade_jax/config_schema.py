@@ -81,7 +81,7 @@ class DataConfig:
   folder_split_values: dict = dataclasses.field(  # split -> values of folder_split_column.
       default_factory=folder.default_split_values)
   folder_label_column: str = ""  # labels: the class-name column ('' = a captions CSV).
-  folder_templates: tuple = folder.DEFAULT_TEMPLATES  # labels -> captions, '{label}' field.
+  folder_templates: tuple = folder.DEFAULT_TEMPLATES  # labels -> captions, '{}' = the label.
 
   def __post_init__(self):
     p = fields.Problems(self)

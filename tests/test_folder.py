@@ -73,8 +73,7 @@ def test_labels_become_template_captions_and_folds_choose_splits(tmp_path):
          "3-1-A-0.wav,3,0,dog_bark,True,1,A\n4-1-A-1.wav,4,1,rooster,False,1,A\n")
   spec = folder.FolderSpec(name="esc", csv="esc50.csv", audio_dir="audio", split_column="fold",
                            split_values={"train": ("1", "2"), "test": ("3",)},
-                           label_column="category", templates=("the sound of {label}",
-                                                               "{label}"))
+                           label_column="category", templates=("the sound of {}", "{}"))
   sources, _ = _load(spec, tmp_path, ("train", "test"))
   assert _captions(sources) == {
       "train": {"1-1-A-0.wav": ["the sound of dog bark", "dog bark"],
@@ -82,9 +81,9 @@ def test_labels_become_template_captions_and_folds_choose_splits(tmp_path):
       "test": {"3-1-A-0.wav": ["the sound of dog bark", "dog bark"]}}  # fold 4: no split
   assert [e.metadata["label"] for e in sources["train"].entries] == ["dog_bark", "rooster"]
   assert folder.class_names(spec, tmp_path) == ["dog_bark", "rooster"]
-  with pytest.raises(ValueError, match="{label}"):
+  with pytest.raises(ValueError, match="exactly one {}"):
     folder.FolderSpec(name="esc", csv="esc50.csv", label_column="category",
-                      templates=("the sound of {lable}",))
+                      templates=("the sound of {label}",))
 
 
 def test_bad_rows_and_missing_audio_are_reported_with_file_and_line(tmp_path):
@@ -212,7 +211,7 @@ def test_esc50_subset_prepares_with_labels_and_trains_a_step(esc50_run):
   test = data.eval_split(config, ds, "test")
   assert test.classes == ["dog", "pig", "rooster"]  # ESC-50 targets 0, 1, 2
   assert sorted(test.labels) == sorted(["dog", "pig", "rooster"] * 5)
-  assert test.texts[0] == f"the sound of {test.labels[0]}"
+  assert test.texts[0] == f"This is a sound of {test.labels[0]}."
   assert np.array_equal(np.bincount(test.clip_group), [5, 5, 5])
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert np.isfinite([x["train/loss"] for x in lines if "train/loss" in x]).all()
