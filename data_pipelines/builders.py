@@ -10,6 +10,10 @@ Each record is one clip:
   source_sample_rate  int32   the file's rate before resampling
   source_channels     int32   the file's channel count before downmixing
   metadata            str     JSON: AudioCaps ids / synthcaps ground truth
+The `folder` builder (your own folder, `data_pipelines/folder.py`) adds:
+  label               str     the clip's class name ('' for a captions folder)
+  label_index         int64   its index in the sorted class list (-1 for a captions folder);
+                              the list is `classes` in the dataset's metadata.json
 
 Splits are `train`, `validation`, `test` for every dataset (Clotho development / validation /
 evaluation; AudioCaps train / val / test). Records keep the CSV order.
@@ -49,7 +53,7 @@ from array_record.python import array_record_module
 from etils import epath
 from tensorflow_datasets.core import example_serializer
 
-from data_pipelines import audio_io, policy, readers, synthcaps
+from data_pipelines import audio_io, folder, policy, readers, synthcaps
 
 # Bump when the record layout or the decoding changes: it invalidates unfinished shards.
 _FORMAT = "hade-audio-caption-v1"
@@ -58,10 +62,12 @@ SPLITS = ("train", "validation", "test")
 REPORT_FILENAME = "prepare_report.json"
 
 
-def make_features(sample_rate: int) -> tfds.features.FeaturesDict:
-  """The record layout (module docstring)."""
+def make_features(sample_rate: int, labels: bool = False) -> tfds.features.FeaturesDict:
+  """The record layout (module docstring); `labels` adds the `folder` builder's fields."""
   del sample_rate  # Same layout at every rate; the rate is a field and in the metadata.
+  extra = {"label": tfds.features.Text(), "label_index": np.int64} if labels else {}
   return tfds.features.FeaturesDict({
+      **extra,
       "clip_id": tfds.features.Text(),
       "clip_index": np.int64,
       # Raw bytes: 2 bytes/sample, decoded without parsing an int64 list.
@@ -80,11 +86,13 @@ class AudioCaptionConfig(tfds.core.BuilderConfig):
   """A sample rate (and, for AudioCaps, a caption version; for synthcaps, a size)."""
 
   def __init__(self, *, sample_rate: int, caption_version: str = "v1",
-               synth: synthcaps.Params | None = None, **kwargs):
+               synth: synthcaps.Params | None = None, folder: folder.FolderSpec | None = None,
+               **kwargs):
     super().__init__(**kwargs)
     self.sample_rate = sample_rate
     self.caption_version = caption_version
     self.synth = synth
+    self.folder = folder
 
 
 def _rate_configs(description: str) -> list[AudioCaptionConfig]:
@@ -106,6 +114,7 @@ class ShardJob:
   manifest_path: str
   fingerprint: str
   strict: bool
+  labels: bool = False  # the `folder` builder's label fields
 
 
 def _fingerprint(entries: Sequence[readers.ClipEntry], sample_rate: int) -> str:
@@ -124,15 +133,15 @@ def _atomic_write_json(path: pathlib.Path | str, obj) -> None:
   os.replace(tmp, path)
 
 
-_WORKER_FEATURES: dict[int, tuple] = {}
+_WORKER_FEATURES: dict[tuple[int, bool], tuple] = {}
 
 
-def _features_and_serializer(sample_rate: int):
-  if sample_rate not in _WORKER_FEATURES:
-    features = make_features(sample_rate)
+def _features_and_serializer(sample_rate: int, labels: bool = False):
+  if (sample_rate, labels) not in _WORKER_FEATURES:
+    features = make_features(sample_rate, labels)
     serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
-    _WORKER_FEATURES[sample_rate] = (features, serializer)
-  return _WORKER_FEATURES[sample_rate]
+    _WORKER_FEATURES[(sample_rate, labels)] = (features, serializer)
+  return _WORKER_FEATURES[(sample_rate, labels)]
 
 
 def _examples(job: ShardJob, stats: dict, issues: list, on_clip=None):
@@ -167,7 +176,12 @@ def _examples(job: ShardJob, stats: dict, issues: list, on_clip=None):
       examples = stats["note_examples"].setdefault(note, [])
       if len(examples) < 3:
         examples.append(rel)
+    metadata = dict(e.metadata)
+    label = {}
+    if job.labels:  # the record's own fields hold them, not the metadata
+      label = {"label": metadata.pop("label", ""), "label_index": metadata.pop("label_index", -1)}
     yield e.clip_id, {
+        **label,
         "clip_id": e.clip_id,
         "clip_index": e.clip_index,
         "audio": audio.samples,
@@ -176,7 +190,7 @@ def _examples(job: ShardJob, stats: dict, issues: list, on_clip=None):
         "file_name": rel,
         "source_sample_rate": audio.source_rate,
         "source_channels": audio.source_channels,
-        "metadata": json.dumps(e.metadata, sort_keys=True, ensure_ascii=False),
+        "metadata": json.dumps(metadata, sort_keys=True, ensure_ascii=False),
     }
     if on_clip:
       on_clip()
@@ -193,7 +207,7 @@ def write_shard(job: ShardJob, on_clip=None) -> dict:
   Raises:
     readers.DataError: strict mode and a clip's audio is unusable.
   """
-  features, serializer = _features_and_serializer(job.sample_rate)
+  features, serializer = _features_and_serializer(job.sample_rate, job.labels)
   tmp = f"{job.shard_path}.tmp{os.getpid()}"
   stats, issues = _new_stats(), []
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
@@ -249,6 +263,7 @@ class AudioCaptionBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
   READER = "clotho"
+  LABELS = False  # records with the `folder` builder's label fields
   CLIPS_PER_SHARD = 64
   HOMEPAGE = ""
   CITATION = ""
@@ -287,7 +302,7 @@ class AudioCaptionBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
     return tfds.core.DatasetInfo(
         builder=self,
         description=self.DESCRIPTION,
-        features=make_features(self.builder_config.sample_rate),
+        features=make_features(self.builder_config.sample_rate, self.LABELS),
         homepage=self.HOMEPAGE,
         citation=self.CITATION,
         metadata=tfds.core.MetadataDict(sample_rate=self.builder_config.sample_rate),
@@ -352,7 +367,7 @@ class AudioCaptionBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
             manual_dir=str(manual_dir), shard_path=str(work / f"{split}-{k:05d}.array_record"),
             manifest_path=str(work / f"{split}-{k:05d}.json"),
             fingerprint=_fingerprint(chunk, self.builder_config.sample_rate),
-            strict=self._strict))
+            strict=self._strict, labels=self.LABELS))
     return jobs
 
   def _run(self, pending: list[ShardJob], done_clips: int, total_clips: int) -> None:
@@ -605,10 +620,55 @@ class Synthcaps(AudioCaptionBuilder):
     return sources, reports
 
 
+def folder_config(spec: folder.FolderSpec, sample_rate: int) -> AudioCaptionConfig:
+  """The `folder` builder config of a spec at a rate (name: `FolderSpec.config_name`)."""
+  return AudioCaptionConfig(
+      name=spec.config_name(policy.rate_name(sample_rate)), sample_rate=sample_rate,
+      folder=spec, description=f"your folder {spec.name!r}: {json.dumps(spec.to_json())}")
+
+
+class Folder(AudioCaptionBuilder):
+  """Your own folder of audio with a captions or labels CSV (`data_pipelines/folder.py`).
+
+  Its configs are made from a `folder.FolderSpec` (`folder_config`); the records add `label`
+  and `label_index`, and metadata.json the sorted class list `classes` and the spec `folder`.
+  """
+
+  BUILDER_CONFIGS = [folder_config(folder.FolderSpec(csv="captions.csv"), 16_000)]
+  LABELS = True
+  CLIPS_PER_SHARD = 256
+  DESCRIPTION = ("A folder of audio with a captions CSV (wide caption_1..N or long caption "
+                 "rows) or a labels CSV turned into captions by templates.")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+Put your audio files in one folder with the CSV(s) describing them (data_pipelines/folder.py):
+  captions: file_name,caption_1,...,caption_N  or  file_name,caption (one row per caption)
+  labels:   file_name,<label column>,...        (ESC-50's esc50.csv as is)
+Then: python -m data_pipelines.prepare --dataset=folder --manual_dir=<that folder> \
+--folder_name=mine --folder_csv=captions.csv --data_dir=<tfds data dir> (--helpfull: folder_*)"""
+
+  def _sources(self, manual_dir: pathlib.Path):
+    spec = self.builder_config.folder
+    wanted = list(self._splits or spec.splits())
+    reports = {s: readers.Report(strict=self._strict) for s in wanted}
+    sources = folder.load_splits(spec, manual_dir, wanted, reports=reports,
+                                 encoding=self._encoding, audio_dirs=self._audio_dirs)
+    classes = folder.class_names(spec, manual_dir, self._encoding)
+    index = {name: i for i, name in enumerate(classes)}
+    for source in sources.values():
+      for entry in source.entries:
+        if "label" in entry.metadata:
+          entry.metadata["label_index"] = index[entry.metadata["label"]]
+    # Written with dataset_info.json: the class list of zero-shot evaluation, and the spec.
+    self.info.metadata["classes"] = classes
+    self.info.metadata["folder"] = spec.to_json()
+    return sources, reports
+
+
 def builder(dataset: str, config: str | AudioCaptionConfig | None = None, *,
             data_dir: str | os.PathLike, **kwargs) -> AudioCaptionBuilder:
   """The builder class for `dataset` ('clotho', 'audiocaps', 'synthcaps')."""
-  classes = {"clotho": Clotho, "audiocaps": Audiocaps, "synthcaps": Synthcaps}
+  classes = {"clotho": Clotho, "audiocaps": Audiocaps, "synthcaps": Synthcaps,
+             "folder": Folder}
   if dataset not in classes:
     raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(classes)}")
   cls = classes[dataset]

@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-DATASETS = ("clotho", "audiocaps", "synthcaps")
+DATASETS = ("clotho", "audiocaps", "synthcaps", "folder")
 # Builder config name -> stored sample rate. Names may carry a suffix ('48k_v2'), a synthcaps
 # size prefix ('demo_16k') or be an explicit rate ('custom1a2b3c4d_8000hz').
 RATES = {"16k": 16_000, "22k": 22_050, "32k": 32_000, "44k": 44_100, "48k": 48_000}

@@ -4,6 +4,15 @@ r"""Prepares Clotho, AudioCaps or synthcaps as a TFDS array_record dataset (no T
       --data_dir=~/tfds [--config=32k] [--num_workers=2]
   python -m data_pipelines.prepare --dataset=audiocaps --manual_dir=~/audiocaps --data_dir=~/tfds
   python -m data_pipelines.prepare --dataset=synthcaps --config=demo_32k --data_dir=~/tfds
+  python -m data_pipelines.prepare --dataset=folder --config=16k --manual_dir=~/esc50_dev \
+      --folder_name=esc50 --folder_csv=esc50_dev.csv --folder_audio_dir=audio \
+      --folder_split_column=fold --folder_split_values=train=1+2,validation=3,test=5 \
+      --folder_label_column=category --data_dir=~/tfds
+
+Your own folder (--dataset=folder, data_pipelines/folder.py): the --folder_* flags are the
+training config's config.data.folder_* fields; the prepared set is named by a hash of them,
+so a training run finds it only when both agree (or let the training prepare it:
+--config.data.prepare_if_missing=True).
 
 An interrupted run picks up where it stopped (finished shards are kept); a finished dataset
 is reused. The closing summary lists clips, captions, hours of audio and every skipped input
@@ -24,12 +33,12 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from data_pipelines import builders, readers
+from data_pipelines import builders, folder, readers
 from hade_jax import cli, distributed
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_enum("dataset", None, ["clotho", "audiocaps", "synthcaps"],
+  flags.DEFINE_enum("dataset", None, ["clotho", "audiocaps", "synthcaps", "folder"],
                     "Which dataset to prepare.", flag_values=fv)
   flags.DEFINE_string("data_dir", None, "TFDS data dir the records are written to.",
                       flag_values=fv)
@@ -68,7 +77,50 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("synth_seed", 0, "synthcaps: the seed.", flag_values=fv)
   flags.DEFINE_integer("synth_family_size", 3, "synthcaps: clips per family (a base scene "
                        "and siblings differing in one detail).", flag_values=fv)
+  _define_folder_flags(fv)
   cli.define_distributed_flags(fv)
+
+
+def _define_folder_flags(fv: flags.FlagValues) -> None:
+  """--folder_* = config.data.folder_* (defaults from `folder.FolderSpec`)."""
+  spec = folder.FolderSpec
+  flags.DEFINE_string("folder_name", spec.name, "folder: names the prepared set.",
+                      flag_values=fv)
+  flags.DEFINE_string("folder_csv", "", "folder: the one CSV of all splits (relative to "
+                      "--manual_dir), rows assigned by --folder_split_column.", flag_values=fv)
+  flags.DEFINE_list("folder_split_csvs", None, "folder: or split=CSV pairs, one CSV per split, "
+                    "e.g. train=train.csv,test=test.csv.", flag_values=fv)
+  flags.DEFINE_string("folder_audio_dir", "", "folder: the audio folder under --manual_dir.",
+                      flag_values=fv)
+  flags.DEFINE_string("folder_file_column", spec.file_column, "folder: the file name column.",
+                      flag_values=fv)
+  flags.DEFINE_string("folder_split_column", spec.split_column, "folder: the column that "
+                      "assigns rows to splits.", flag_values=fv)
+  flags.DEFINE_list("folder_split_values", None, "folder: split=values pairs, values joined "
+                    "by '+', e.g. train=1+2,validation=3,test=5 (default: each split's name).",
+                    flag_values=fv)
+  flags.DEFINE_string("folder_label_column", "", "folder: labels variant: the class-name "
+                      "column ('' = a captions CSV).", flag_values=fv)
+  flags.DEFINE_multi_string("folder_template", list(folder.DEFAULT_TEMPLATES), "folder: "
+                            "caption templates, each with one {} for the label (repeat the flag).",
+                            flag_values=fv)
+
+
+def folder_spec(fv: flags.FlagValues) -> folder.FolderSpec:
+  """The --folder_* flags as a spec (UsageError when they do not describe a folder)."""
+  csvs = folder.default_split_csvs() | _pairs(fv.folder_split_csvs, "folder_split_csvs")
+  values = folder.default_split_values()
+  if fv.folder_split_values:
+    values = {k: tuple(v.split("+")) for k, v in
+              _pairs(fv.folder_split_values, "folder_split_values").items()}
+  try:
+    return folder.FolderSpec(
+        name=fv.folder_name, csv=fv.folder_csv, split_csvs=csvs, audio_dir=fv.folder_audio_dir,
+        file_column=fv.folder_file_column, split_column=fv.folder_split_column,
+        split_values=values, label_column=fv.folder_label_column,
+        templates=tuple(fv.folder_template))
+  except ValueError as e:
+    raise cli.UsageError(f"--folder_*: {e}") from None
 
 
 def _pairs(items: list[str] | None, flag: str, value=str) -> dict:
@@ -89,6 +141,12 @@ def _config(fv: flags.FlagValues):
   if fv.dataset != "synthcaps":
     if fv.config and fv.sample_rate:
       raise cli.UsageError("give --config or --sample_rate, not both")
+    if fv.dataset == "folder":  # --config is the rate; the name comes from the spec
+      rate = fv.sample_rate or builders.RATES.get(fv.config or "32k")
+      if rate is None:
+        raise cli.UsageError(f"--config={fv.config}: a folder's config is its rate, one of "
+                             f"{', '.join(builders.RATES)}")
+      return builders.folder_config(folder_spec(fv), rate)
     if fv.sample_rate:
       return rate_names[fv.sample_rate]
     return fv.config

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 STRUCTURE = ("model.", "optim.groups", "optim.frozen", "optim.accum_steps")
 TRAINING = ("seed", "optim.", "loss.", "compute_dtype", "data.dataset", "data.builder_config",
             "data.synth_size", "data.train_split", "data.crop_seconds", "data.max_text_len",
-            "data.spec_", "data.pad_mode")
+            "data.spec_", "data.pad_mode", "data.folder_")
 IGNORED = ("batch_size", "total_steps_resolved", "allow_config_change")
 
 

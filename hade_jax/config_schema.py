@@ -15,7 +15,7 @@ import dataclasses
 import math
 import re
 
-from data_pipelines import policy
+from data_pipelines import folder, policy
 from hade_jax import fields, metrics
 
 
@@ -47,7 +47,7 @@ def _regex(p: fields.Problems, field: str, pattern) -> None:
 class DataConfig:
   """config.data: what the input pipelines read and how."""
 
-  dataset: str = "clotho"  # 'clotho', 'audiocaps' or 'synthcaps' (TFDS builder name).
+  dataset: str = "clotho"  # 'clotho', 'audiocaps', 'synthcaps' or 'folder' (TFDS builder name).
   data_dir: str = "~/tensorflow_datasets"  # where prepared TFDS datasets live.
   manual_dir: str = ""  # the raw download (only used by the prepare hint / demo auto-prepare).
   builder_config: str = "48k"  # TFDS builder config = stored sample rate; must match model.mel.
@@ -69,6 +69,19 @@ class DataConfig:
   num_threads: int = 2  # threads per process (or worker) assembling batches.
   prepare_if_missing: bool = False  # demo: generate + prepare synthcaps when absent.
   synth_size: str = ""  # synthcaps size ('tiny', 'demo', 'full'): builder '<size>_<rate>'.
+  # dataset='folder': your own folder at manual_dir (data_pipelines/folder.py); prepared as
+  # builder config '<folder_name>_<hash of the folder_* fields>_<builder_config>'.
+  folder_name: str = folder.FolderSpec.name  # names the prepared set: lower-case letters, digits.
+  folder_csv: str = ""  # the one CSV of all splits (rows assigned by folder_split_column)...
+  folder_split_csvs: dict = dataclasses.field(  # ...or split -> its own CSV ('' = none).
+      default_factory=folder.default_split_csvs)
+  folder_audio_dir: str = ""  # audio folder under manual_dir ('' = manual_dir itself).
+  folder_file_column: str = folder.FolderSpec.file_column  # CSV column of audio file names.
+  folder_split_column: str = folder.FolderSpec.split_column  # e.g. 'fold' for ESC-50.
+  folder_split_values: dict = dataclasses.field(  # split -> values of folder_split_column.
+      default_factory=folder.default_split_values)
+  folder_label_column: str = ""  # labels: the class-name column ('' = a captions CSV).
+  folder_templates: tuple = folder.DEFAULT_TEMPLATES  # labels -> captions, '{}' = the label.
 
   def __post_init__(self):
     p = fields.Problems(self)
@@ -85,10 +98,25 @@ class DataConfig:
       p.add("max_text_len", f"must be >= 3 ([CLS], one token, [SEP]), got {self.max_text_len}")
     if self.dataset == "synthcaps":
       p.choice("synth_size", ("", *policy.SYNTH_SIZES))
+    if self.dataset == "folder" and not any(p.bad(f.name) for f in dataclasses.fields(self)
+                                            if f.name.startswith("folder_")):
+      try:
+        self.folder_spec()
+      except (TypeError, ValueError) as e:
+        p.add("folder_csv", f"the folder_* fields do not describe a folder: {e}")
     if isinstance(self.builder_config, str) and self.sample_rate is None:
       p.add("builder_config", f"{self.builder_config!r} names no sample rate; known: "
             f"{', '.join(policy.RATES)} (or '<rate>_v2' for AudioCaps 2.0 captions)")
     p.raise_any()
+
+  def folder_spec(self) -> folder.FolderSpec:
+    """The folder_* fields as the `folder` builder's spec (ValueError when inconsistent)."""
+    values = {k: tuple(str(x) for x in v) for k, v in dict(self.folder_split_values).items()}
+    return folder.FolderSpec(
+        name=self.folder_name, csv=self.folder_csv, split_csvs=dict(self.folder_split_csvs),
+        audio_dir=self.folder_audio_dir, file_column=self.folder_file_column,
+        split_column=self.folder_split_column, split_values=values,
+        label_column=self.folder_label_column, templates=tuple(self.folder_templates))
 
   @property
   def sample_rate(self) -> int | None:

@@ -14,7 +14,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from hade_jax import hade, input_pipeline
+from hade_jax import config_schema, hade, input_pipeline
+from hade_jax import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,14 @@ class Dataset:
 def builder_config_name(config: ml_collections.ConfigDict) -> str:
   if config.data.dataset == "synthcaps" and config.data.synth_size:
     return f"{config.data.synth_size}_{config.data.builder_config}"
+  if config.data.dataset == "folder":
+    return data_config(config).folder_spec().config_name(config.data.builder_config)
   return config.data.builder_config
+
+
+def data_config(config: ml_collections.ConfigDict) -> config_schema.DataConfig:
+  """config.data as its checked dataclass."""
+  return config_schema.DataConfig(**config.data.to_dict())
 
 
 def input_config(config: ml_collections.ConfigDict, cfg: hade.HadeConfig
@@ -68,9 +76,12 @@ def open_dataset(config: ml_collections.ConfigDict, cfg: hade.HadeConfig) -> Dat
   try:
     input_pipeline.dataset_dir(icfg.data_dir, icfg.dataset, icfg.config)
   except FileNotFoundError:
-    if not (config.data.prepare_if_missing and icfg.dataset == "synthcaps"):
+    if not (config.data.prepare_if_missing and icfg.dataset in ("synthcaps", "folder")):
       raise
-    _prepare_synthcaps(config, icfg)
+    if icfg.dataset == "folder":
+      _prepare_folder(config, icfg)
+    else:
+      _prepare_synthcaps(config, icfg)
   splits = {}
   for split in (config.data.train_split, config.data.eval_split, config.data.test_split):
     if split:
@@ -95,6 +106,25 @@ def _prepare_synthcaps(config, icfg: input_pipeline.InputConfig) -> None:
                                         if isinstance(v, int | float | str)})
 
 
+def _prepare_folder(config, icfg: input_pipeline.InputConfig) -> None:
+  from data_pipelines import builders  # lazily: only a config that asks prepares in-process
+
+  d = config.data
+  if not d.manual_dir:
+    raise ValueError("config.data.manual_dir is empty: point it at the folder holding your "
+                     "audio and CSV(s) (dataset='folder')")
+  manual_dir = pathlib.Path(d.manual_dir).expanduser()
+  log.info("preparing folder/%s from %s in %s (first run only)", icfg.config, manual_dir,
+           icfg.data_dir)
+  b = builders.prepare("folder", builders.folder_config(data_config(config).folder_spec(),
+                                                        icfg.sample_rate),
+                       data_dir=icfg.data_dir, manual_dir=manual_dir, progress=False)
+  if getattr(b, "summary", None):
+    counts = {s: v["clips"] for s, v in b.summary["splits"].items()}
+    log.info("folder prepared: clips %s, problems %s (%s)", counts, b.summary["issue_counts"],
+             pathlib.Path(b.data_path) / builders.REPORT_FILENAME)
+
+
 class TrainIterator:
   """The training batches of this process; `checkpointable` goes into orbax checkpoints."""
 
@@ -114,7 +144,7 @@ class TrainIterator:
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self.checkpointable)
     return {k: batch[k] for k in ("audio", "input_ids", "attention_mask", "clip_id",
-                                  "specaug_time", "specaug_freq") if k in batch}
+                                  "group_id", "specaug_time", "specaug_freq") if k in batch}
 
 
 @dataclasses.dataclass
@@ -128,6 +158,20 @@ class EvalSplit:
   clip_ids: np.ndarray  # [A]
   clip_names: list[str]
   texts: list[str]
+  # A labels folder: A class names in clip order (zero-shot classification reads them), the
+  # dataset's sorted class list, and [A] class indices into it; T2A is then class-level.
+  labels: list[str] | None = None
+  classes: list[str] = dataclasses.field(default_factory=list)
+  tokenize: object = None  # a labels split: the text tower's tokenizer, for zero-shot prompts
+
+  @property
+  def clip_group(self) -> np.ndarray | None:
+    """[A] each clip's class index in `classes` (None without labels): clips of a class
+    are all relevant to a caption of it (`metrics.retrieval_metrics(clip_group_A=...)`)."""
+    if self.labels is None:
+      return None
+    index = {name: i for i, name in enumerate(self.classes)}
+    return np.array([index[name] for name in self.labels], np.int64)
 
 
 def eval_split(config: ml_collections.ConfigDict, ds: Dataset, split: str, *,
@@ -158,6 +202,10 @@ def eval_split(config: ml_collections.ConfigDict, ds: Dataset, split: str, *,
     finally:  # its threads and workers stop with the pass, not when garbage collected
       it.close()
 
+  labels = captions.labels[:len(names)] if captions.labels is not None else None
   return EvalSplit(audio_batches, captions.input_ids[keep_T], captions.attention_mask[keep_T],
                    caption_clip, np.asarray(clip_ids), names,
-                   [t for t, k in zip(captions.texts, keep_T, strict=True) if k])
+                   [t for t, k in zip(captions.texts, keep_T, strict=True) if k],
+                   labels, list(captions.classes),
+                   tokenizer_lib.Tokenizer(icfg.tokenizer_path, icfg.max_text_len)
+                   if labels is not None else None)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from jax.sharding import Mesh
 
-from hade_jax import hade, metrics, retrieval
+from hade_jax import hade, metrics, retrieval, zero_shot
 from hade_jax import heads as hade_heads
 
 if TYPE_CHECKING:  # data imports the input pipeline; evaluating needs only the split's arrays
@@ -39,22 +39,32 @@ class Scored:
 
   def query_ranks(self) -> dict:
     """Per-query ranks (`metrics.query_ranks`) behind `metrics`: saved with test results."""
-    return metrics.query_ranks(self.scores_AxT, self.split.caption_clip)
+    return metrics.query_ranks(self.scores_AxT, self.split.caption_clip,
+                               clip_group_A=self.split.clip_group)
 
 
 def split_metrics(scores_AxT: np.ndarray, global_AxT: np.ndarray, caption_clip_T: np.ndarray,
                   *, true_recall: bool = False, intervals: bool = False,
-                  shortlists: Sequence[int] = ()) -> dict[str, float]:
+                  shortlists: Sequence[int] = (), clip_group_A: np.ndarray | None = None
+                  ) -> dict[str, float]:
   """The flat metrics dict: `metrics.retrieval_metrics`, 'global/t2a/<metric>' (the global
   cosine alone, two-stage search's shortlist score) and, per shortlist size S,
-  'two_stage@S/t2a/<metric>' and 'two_stage@S/t2a/<metric>/lost' (exhaustive minus two-stage)."""
+  'two_stage@S/t2a/<metric>' and 'two_stage@S/t2a/<metric>/lost' (exhaustive minus two-stage).
+  `clip_group_A` (a labels split's `EvalSplit.clip_group`) makes T2A class-level."""
   out = metrics.retrieval_metrics(scores_AxT, caption_clip_T, true_recall=true_recall,
-                                  intervals=intervals)
-  global_ranks_T = metrics.t2a_ranks(global_AxT, caption_clip_T)
-  out |= {f"global/t2a/{name}": v for name, v in metrics.t2a_from_ranks(global_ranks_T).items()}
+                                  intervals=intervals, clip_group_A=clip_group_A)
+  global_T = metrics.per_query_from_ranks(metrics.query_ranks(
+      global_AxT, caption_clip_T, clip_group_A=clip_group_A))["t2a"]
+  out |= {f"global/t2a/{name}": float(np.mean(v)) for name, v in global_T.items()
+          if name != "rank"}
   for s in shortlists:
-    ranks_T = metrics.two_stage_t2a_ranks(scores_AxT, global_AxT, caption_clip_T, int(s))
-    for name, value in metrics.t2a_from_ranks(ranks_T).items():
+    if clip_group_A is None:
+      ranks_T = metrics.two_stage_t2a_ranks(scores_AxT, global_AxT, caption_clip_T, int(s))
+      values = metrics.t2a_from_ranks(ranks_T)
+    else:
+      values = metrics.two_stage_t2a_class(scores_AxT, global_AxT, caption_clip_T,
+                                           clip_group_A, int(s))
+    for name, value in values.items():
       out[f"two_stage@{s}/t2a/{name}"] = value
       out[f"two_stage@{s}/t2a/{name}/lost"] = out[f"t2a/{name}"] - value
   return out
@@ -97,6 +107,13 @@ class RetrievalEvaluator:
   def scores(self, model: hade.HadeModel, split: data.EvalSplit
              ) -> tuple[np.ndarray, np.ndarray]:
     """([A, T] full scores, [A, T] global cosines) of every clip and caption of a split."""
+    scores_AxT, global_AxT, _ = self._scores(model, split)
+    return scores_AxT, global_AxT
+
+  def _scores(self, model: hade.HadeModel, split: data.EvalSplit
+              ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """`scores`, and a labels split's zero-shot accuracy (`zero_shot.zero_shot_metrics`: the
+    class names in the default templates against the same audio features)."""
     enc = self._encoder(model)
     t0 = time.perf_counter()
     audio = enc.audio_batches(split.audio_batches(), split.clip_ids)
@@ -113,10 +130,17 @@ class RetrievalEvaluator:
              t2 - t1, scores_AxT.size, t3 - t2, self.tile, enc.num_devices)
     global_AxT = (np.asarray(hade_heads.normalize(audio.global_AxD))
                   @ np.asarray(hade_heads.normalize(text.global_TxD)).T)
-    return scores_AxT, global_AxT
+    accuracy = {}
+    if split.labels is not None and split.tokenize is not None:
+      accuracy = zero_shot.zero_shot_metrics(enc, split.tokenize, audio, split.classes,
+                                             split.clip_group, batch_size=self.batch_size,
+                                             tile=self.tile)
+    return scores_AxT, global_AxT, accuracy
 
   def evaluate(self, model: hade.HadeModel, split: data.EvalSplit) -> Scored:
-    """Scores and metrics of `model` on `split` (every clip x every caption)."""
-    scores_AxT, global_AxT = self.scores(model, split)
-    result = split_metrics(scores_AxT, global_AxT, split.caption_clip, **self.options)
+    """Scores and metrics of `model` on `split` (every clip x every caption; with labels also
+    'zero_shot/top1', 'zero_shot/top5', ... over the split's classes)."""
+    scores_AxT, global_AxT, accuracy = self._scores(model, split)
+    result = split_metrics(scores_AxT, global_AxT, split.caption_clip,
+                           clip_group_A=split.clip_group, **self.options) | accuracy
     return Scored(scores_AxT, global_AxT, split, result)

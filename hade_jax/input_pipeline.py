@@ -20,7 +20,9 @@ Training (`make_train_loader`), per process:
   not zero padding); input_ids int32 [B, M]; attention_mask int32 [B, M]; clip_id int32 [B]
   (the record's stable `clip_index`: captions of one clip share it); caption_index int32 [B];
   with SpecAugment: specaug_time int32 [B, Kt, 2] and specaug_freq int32 [B, Kf, 2] as
-  (start, width) rows, applied on device to the log-mel by `apply_spec_augment`.
+  (start, width) rows, applied on device to the log-mel by `apply_spec_augment`; from a
+  labels folder (`label_index` >= 0): group_id int32 [B], the clip's class index, so that
+  clips of one class are positives for each other (`positive_ids`).
 
 Evaluation is deterministic and covers every clip and every caption:
   `make_eval_audio_loader`: audio rows [B, S] in record order with clip_id, window_index and
@@ -126,6 +128,14 @@ def dataset_dir(data_dir: os.PathLike | str, dataset: str, config: str) -> pathl
     for p in root.iterdir():
       if tfds.core.Version.is_valid(p.name) and (p / "dataset_info.json").is_file():
         versions.append(tfds.core.Version(p.name))
+  if not versions and dataset == "folder":  # the config name is a hash of the folder_* fields
+    raise FileNotFoundError(
+        f"no prepared {dataset}/{config} in {data_dir}: expected {root}/<version>/"
+        "dataset_info.json. Let the training prepare your folder "
+        "(--config.data.prepare_if_missing=True with config.data.manual_dir), or run "
+        f"python -m data_pipelines.prepare --dataset=folder --config={config.split('_')[-1]} "
+        f"--manual_dir=/path/to/your/folder --data_dir={data_dir} with --folder_* flags equal "
+        "to the config's folder_* fields")
   if not versions:
     manual = "" if dataset == "synthcaps" else " --manual_dir=/path/to/your/download"
     raise FileNotFoundError(
@@ -141,7 +151,9 @@ class ClipSource(grain.sources.RandomAccessDataSource):
 
   Opens the TFDS array_record files lazily in each process (Grain workers get a pickled
   copy). Items: clip_id int, captions list[str], audio int16 [L] (absent when
-  `with_audio=False`, which skips decoding it), clip_name str, file_name str, metadata dict.
+  `with_audio=False`, which skips decoding it), clip_name str, file_name str, metadata dict,
+  label str and label_index int ('' and -1 unless the records come from a labels folder).
+  `classes` is the dataset's sorted class list (`label_index` indexes it; [] without labels).
   """
 
   def __init__(self, data_dir: os.PathLike | str, dataset: str, config: str, split: str,
@@ -156,8 +168,9 @@ class ClipSource(grain.sources.RandomAccessDataSource):
                        "Prepare that split (its CSV must be in --manual_dir).")
     self._len = sum(int(n) for n in splits[split].get("shardLengths", []))
     metadata = self.path / "metadata.json"
-    self.sample_rate = (json.loads(metadata.read_text())["sample_rate"]
-                        if metadata.is_file() else None)
+    metadata = json.loads(metadata.read_text()) if metadata.is_file() else {}
+    self.sample_rate = metadata.get("sample_rate")
+    self.classes = list(metadata.get("classes", []))
     self._source = None
 
   def __getstate__(self):
@@ -189,6 +202,8 @@ class ClipSource(grain.sources.RandomAccessDataSource):
         "clip_name": record["clip_id"].decode("utf-8"),
         "file_name": record["file_name"].decode("utf-8"),
         "metadata": json.loads(record["metadata"].decode("utf-8") or "{}"),
+        "label": record["label"].decode("utf-8") if "label" in record else "",
+        "label_index": int(record.get("label_index", -1)),
     }
     if self.with_audio:
       out["audio"] = record["audio"]
@@ -251,6 +266,8 @@ class TrainTransform(grain.transforms.RandomMap):
     out = {"audio": audio_S, "audio_length": np.int32(length), "input_ids": ids_M,
            "attention_mask": mask_M, "clip_id": np.int32(record["clip_id"]),
            "caption_index": np.int32(k)}
+    if record["label_index"] >= 0:
+      out["group_id"] = np.int32(record["label_index"])
     if cfg.specaug is not None:
       a = cfg.specaug
       out["specaug_time"] = sample_stripes(rng, a.num_time_stripes, a.time_stripe_width,
@@ -258,6 +275,12 @@ class TrainTransform(grain.transforms.RandomMap):
       out["specaug_freq"] = sample_stripes(rng, a.num_freq_stripes, a.freq_stripe_width,
                                            a.num_mel_bins)
     return out
+
+
+def positive_ids(batch: dict):
+  """[B] ids whose equal values make (audio, caption) rows positives of each other: the class
+  (`group_id`) in a labels folder's batches, else the clip (`clip_id`)."""
+  return batch["group_id"] if "group_id" in batch else batch["clip_id"]
 
 
 def make_train_dataset(cfg: InputConfig, *, seed: int, batch_size: int,
@@ -426,6 +449,8 @@ class EvalCaptions:
     attention_mask: int32 [T, M].
     clip_ids: int32 [A], the split's clip ids in record order (the audio side's order).
     clip_names: A clip names (Clotho file names, AudioCaps `{ytid}_{start}`), to log.
+    labels: A class names in record order (a labels folder), or None.
+    classes: the dataset's sorted class list ([] without labels).
   """
 
   texts: list[str]
@@ -435,6 +460,8 @@ class EvalCaptions:
   attention_mask: np.ndarray
   clip_ids: np.ndarray
   clip_names: list[str]
+  labels: list[str] | None = None
+  classes: list[str] = dataclasses.field(default_factory=list)
 
 
 def eval_captions(cfg: InputConfig, *, split: str,
@@ -442,18 +469,20 @@ def eval_captions(cfg: InputConfig, *, split: str,
   """All captions of `split`, tokenised (small enough to hold: 5,225 x M for Clotho)."""
   source = (source if source is not None else open_source(cfg, split)).without_audio()
   tok = tokenizer_lib.Tokenizer(cfg.tokenizer_path, cfg.max_text_len)
-  texts, clip_id, caption_index, clip_ids, names = [], [], [], [], []
+  texts, clip_id, caption_index, clip_ids, names, labels = [], [], [], [], [], []
   for i in range(len(source)):
     record = source[i]
     clip_ids.append(record["clip_id"])
     names.append(record["clip_name"])
+    labels.append(record["label"] if record["label_index"] >= 0 else None)
     for k, text in enumerate(record["captions"]):
       texts.append(text)
       clip_id.append(record["clip_id"])
       caption_index.append(k)
   ids_TxM, mask_TxM = tok(texts)
   return EvalCaptions(texts, np.array(clip_id, np.int32), np.array(caption_index, np.int32),
-                      ids_TxM, mask_TxM, np.array(clip_ids, np.int32), names)
+                      ids_TxM, mask_TxM, np.array(clip_ids, np.int32), names,
+                      labels if labels and None not in labels else None, source.classes)
 
 
 def eval_caption_batches(captions: EvalCaptions, batch_size: int, *, shard_index: int = 0,

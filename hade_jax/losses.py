@@ -4,8 +4,10 @@ Legend: B: batch of (audio, text) pairs, A/T: audios/texts (= B in training), K:
 d: factor width, L: levels.
 
 Batches hold one (clip, caption) pair per row; with Clotho's 5 captions per clip two rows may
-share a clip. Targets are id-aware: every row whose clip id matches is a positive, and the
+share a clip. Targets are id-aware: every row whose id matches is a positive, and the
 cross-entropy puts equal target mass on each positive (WavCaps-style multi-positive InfoNCE).
+The ids are clip ids, or class ids in a labels folder (`input_pipeline.positive_ids`): clips
+of one class share their template captions, so pushing them apart would fight the data.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class LossConfig:
 
 
 def positives(ids_A: jax.Array, ids_T: jax.Array) -> jax.Array:
-  """[A, T] bool: audio row a and text row t come from the same clip."""
+  """[A, T] bool: audio row a and text row t come from the same clip (or class: the ids)."""
   return ids_A[:, None] == ids_T[None, :]
 
 

@@ -15,6 +15,13 @@ Audio-to-text (A2T): each clip queries all captions; its ground truth is its cap
   ground-truth captions ranked <= 10 (j = 1, 2, ... in rank order), divided by the number of
   ground-truth captions (5 on Clotho and AudioCaps). "True recall" (DCASE 2023) counts the
   found fraction of the ground-truth captions in the top k.
+Class-level T2A (a labels folder, `clip_group_A`): every clip of the caption's class is
+  ground truth, and T2A uses A2T's formulas with clips as the candidates: R@k by the
+  best-ranked relevant clip, mAP@10 = sum_j (j / rank_j) over relevant clips ranked <= 10,
+  divided by the number of relevant clips. With one clip per group this is per-clip T2A.
+  (The per-clip rule would cap R@1 at 1 / clips-per-class, as the captions of a class are
+  identical.) A2T stays per-clip: identical captions of other clips tie with the clip's own,
+  and ties favour the ground truth.
 """
 
 from __future__ import annotations
@@ -105,20 +112,53 @@ def a2t_gt_ranks(scores_AxT: np.ndarray, caption_clip_T: np.ndarray
   scores_AxT = np.asarray(scores_AxT)
   caption_clip_T = np.asarray(caption_clip_T)
   check_finite_scores(scores_AxT)
-  num_a, num_t = scores_AxT.shape
-  is_gt_AxT = caption_clip_T[None, :] == np.arange(num_a)[:, None]
-  counts_A = is_gt_AxT.sum(1)
-  g = int(counts_A.max()) if num_a else 0
-  ranks_AxG = np.full((num_a, g), np.iinfo(np.int64).max // 2, np.int64)
-  neg_AxT = np.where(is_gt_AxT, -np.inf, scores_AxT)
-  for a in range(num_a):  # a loop over clips, each vectorised over its captions
-    gt_scores = np.sort(scores_AxT[a, is_gt_AxT[a]])[::-1]
+  is_gt_AxT = caption_clip_T[None, :] == np.arange(scores_AxT.shape[0])[:, None]
+  return gt_ranks(scores_AxT, is_gt_AxT)
+
+
+def gt_ranks(scores_QxC: np.ndarray, is_gt_QxC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Ranks of every ground-truth candidate of every query (`TIE_RULE`), sorted ascending.
+
+  Returns (ranks_QxG, valid_QxG): G = the most ground truths of a query; entries past a
+  query's own count are invalid (ranks set to a large value).
+  """
+  num_q = scores_QxC.shape[0]
+  counts_Q = is_gt_QxC.sum(1)
+  g = int(counts_Q.max()) if num_q else 0
+  ranks_QxG = np.full((num_q, g), np.iinfo(np.int64).max // 2, np.int64)
+  neg_QxC = np.where(is_gt_QxC, -np.inf, scores_QxC)
+  for q in range(num_q):  # a loop over queries, each vectorised over its candidates
+    gt_scores = np.sort(scores_QxC[q, is_gt_QxC[q]])[::-1]
     # j-th ground truth (1-based) sits after the j-1 better ground truths and after every
-    # non-ground-truth caption scoring strictly more.
-    beaten = (neg_AxT[a][None, :] > gt_scores[:, None]).sum(1)
-    ranks_AxG[a, : len(gt_scores)] = np.arange(1, len(gt_scores) + 1) + beaten
-  valid_AxG = np.arange(g)[None, :] < counts_A[:, None]
-  return ranks_AxG, valid_AxG
+    # non-ground-truth candidate scoring strictly more.
+    beaten = (neg_QxC[q][None, :] > gt_scores[:, None]).sum(1)
+    ranks_QxG[q, : len(gt_scores)] = np.arange(1, len(gt_scores) + 1) + beaten
+  valid_QxG = np.arange(g)[None, :] < counts_Q[:, None]
+  return ranks_QxG, valid_QxG
+
+
+def multi_gt_metrics(ranks_QxG: np.ndarray, valid_QxG: np.ndarray,
+                     num_gt_Q: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """Per-query R@k (best-ranked ground truth), mAP@10 (module docstring) and 'rank'.
+
+  `num_gt_Q` is the mAP denominator when some ground truths are out of `ranks_QxG` (a
+  two-stage shortlist that missed them); default: the valid entries.
+  """
+  best_Q = ranks_QxG[:, 0] if ranks_QxG.shape[1] else np.full(len(ranks_QxG), np.inf)
+  out = {f"R@{k}": 100.0 * (best_Q <= k) for k in KS}
+  n_gt_Q = valid_QxG.sum(1) if num_gt_Q is None else np.asarray(num_gt_Q)
+  j_QxG = np.arange(1, ranks_QxG.shape[1] + 1)[None, :]
+  hit_QxG = valid_QxG & (ranks_QxG <= 10)
+  prec_QxG = np.where(hit_QxG, j_QxG / np.maximum(ranks_QxG, 1), 0.0)
+  out["mAP@10"] = 100.0 * prec_QxG.sum(1) / np.maximum(n_gt_Q, 1)
+  out["rank"] = best_Q.astype(np.float64)
+  return out
+
+
+def class_relevance(caption_clip_T: np.ndarray, clip_group_A: np.ndarray) -> np.ndarray:
+  """[A, T] bool: clip a is of the class (group) of caption t's clip."""
+  clip_group_A = np.asarray(clip_group_A)
+  return clip_group_A[:, None] == clip_group_A[np.asarray(caption_clip_T)][None, :]
 
 
 def _summary(prefix: str, per_query: dict[str, np.ndarray]) -> dict[str, float]:
@@ -126,64 +166,83 @@ def _summary(prefix: str, per_query: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def per_query_metrics(scores_AxT: np.ndarray, caption_clip_T: np.ndarray, *,
-                      true_recall: bool = False) -> dict[str, dict[str, np.ndarray]]:
-  """Per-query values whose means are the reported metrics (percent for R and mAP)."""
-  return per_query_from_ranks(query_ranks(scores_AxT, caption_clip_T), true_recall=true_recall)
+                      true_recall: bool = False, clip_group_A: np.ndarray | None = None
+                      ) -> dict[str, dict[str, np.ndarray]]:
+  """Per-query values whose means are the reported metrics (percent for R and mAP).
+
+  `clip_group_A` (class index per clip) makes T2A class-level (module docstring).
+  """
+  return per_query_from_ranks(query_ranks(scores_AxT, caption_clip_T, clip_group_A=clip_group_A),
+                              true_recall=true_recall)
 
 
-def query_ranks(scores_AxT: np.ndarray, caption_clip_T: np.ndarray
-                ) -> dict[str, np.ndarray | list[list[int]]]:
+def query_ranks(scores_AxT: np.ndarray, caption_clip_T: np.ndarray, *,
+                clip_group_A: np.ndarray | None = None) -> dict[str, list]:
   """The ranks every per-query metric is computed from, as JSON-ready values.
 
-  Returns {'t2a': [T] rank of each caption's clip, 'a2t': for each clip the ascending ranks
-  of its ground-truth captions (a list per clip: clips may have different numbers)}.
-  `per_query_from_ranks` turns them into per-query R@k / mAP@10 (the test set's
+  Returns {'t2a': the rank of each caption's clip (class-level, `clip_group_A` given: a list
+  per caption, the ascending ranks of every clip of its class), 'a2t': for each clip the
+  ascending ranks of its ground-truth captions (a list per clip: clips may have different
+  numbers)}. `per_query_from_ranks` turns them into per-query R@k / mAP@10 (the test set's
   `test_ranks.json` holds them, so that `hade_jax.ablate` can resample queries).
+
+  Raises:
+    NonFiniteScoresError: a score is NaN or Inf (it would rank first).
   """
+  scores_AxT = np.asarray(scores_AxT)
+  caption_clip_T = np.asarray(caption_clip_T)
   ranks_AxG, valid_AxG = a2t_gt_ranks(scores_AxT, caption_clip_T)
-  return {"t2a": t2a_ranks(scores_AxT, caption_clip_T).tolist(),
-          "a2t": [r[v].tolist() for r, v in zip(ranks_AxG, valid_AxG, strict=True)]}
+  a2t = [r[v].tolist() for r, v in zip(ranks_AxG, valid_AxG, strict=True)]
+  if clip_group_A is None:
+    return {"t2a": t2a_ranks(scores_AxT, caption_clip_T).tolist(), "a2t": a2t}
+  relevant_AxT = class_relevance(caption_clip_T, clip_group_A)
+  ranks_TxG, valid_TxG = gt_ranks(scores_AxT.T, relevant_AxT.T)
+  return {"t2a": [r[v].tolist() for r, v in zip(ranks_TxG, valid_TxG, strict=True)],
+          "a2t": a2t}
 
 
 def per_query_from_ranks(ranks: dict, *, true_recall: bool = False
                          ) -> dict[str, dict[str, np.ndarray]]:
-  """Per-query R@k, mAP@10 (percent) and 'rank' of `query_ranks`' output (or its JSON)."""
-  r_T = np.asarray(ranks["t2a"], np.int64)
-  t2a = {f"R@{k}": 100.0 * (r_T <= k) for k in KS}
-  t2a["mAP@10"] = 100.0 * np.where(r_T <= 10, 1.0 / r_T, 0.0)
-  t2a["rank"] = r_T.astype(np.float64)
-
-  per_clip = [sorted(int(x) for x in r) for r in ranks["a2t"]]
-  n_gt_A = np.array([len(r) for r in per_clip], np.int64)
-  g = int(n_gt_A.max()) if len(per_clip) else 0
-  ranks_AxG = np.full((len(per_clip), g), np.iinfo(np.int64).max // 2, np.int64)
-  for a, r in enumerate(per_clip):
-    ranks_AxG[a, :len(r)] = r
-  valid_AxG = np.arange(g)[None, :] < n_gt_A[:, None]
-  best_A = ranks_AxG[:, 0] if g else np.zeros(len(per_clip), np.int64)
-  a2t = {f"R@{k}": 100.0 * (best_A <= k) for k in KS}
-  j_AxG = np.arange(1, g + 1)[None, :]
-  hit_AxG = valid_AxG & (ranks_AxG <= 10)
-  prec_AxG = np.where(hit_AxG, j_AxG / np.maximum(ranks_AxG, 1), 0.0)
-  a2t["mAP@10"] = 100.0 * prec_AxG.sum(1) / np.maximum(n_gt_A, 1)
-  a2t["rank"] = best_A.astype(np.float64)
+  """Per-query R@k, mAP@10 (percent) and 'rank' of `query_ranks`' output (or its JSON): every
+  query through `multi_gt_metrics` (one ground truth: R@k = rank <= k, AP@10 = 1 / rank)."""
+  out = {}
+  for direction in ("t2a", "a2t"):
+    ranks_QxG, valid_QxG = _padded_ranks(ranks[direction])
+    out[direction] = multi_gt_metrics(ranks_QxG, valid_QxG)
   if true_recall:
+    ranks_AxG, valid_AxG = _padded_ranks(ranks["a2t"])
+    n_gt_A = valid_AxG.sum(1)
     for k in KS:
-      a2t[f"trueR@{k}"] = 100.0 * (valid_AxG & (ranks_AxG <= k)).sum(1) / np.maximum(n_gt_A, 1)
-  return {"t2a": t2a, "a2t": a2t}
+      out["a2t"][f"trueR@{k}"] = (100.0 * (valid_AxG & (ranks_AxG <= k)).sum(1)
+                                  / np.maximum(n_gt_A, 1))
+  return out
+
+
+def _padded_ranks(per_query: list) -> tuple[np.ndarray, np.ndarray]:
+  """(ranks_QxG ascending, valid_QxG) from a rank or a list of ranks per query."""
+  lists = [sorted(int(x) for x in (r if isinstance(r, list | tuple | np.ndarray) else [r]))
+           for r in per_query]
+  g = max((len(r) for r in lists), default=0)
+  ranks_QxG = np.full((len(lists), g), np.iinfo(np.int64).max // 2, np.int64)
+  for q, r in enumerate(lists):
+    ranks_QxG[q, :len(r)] = r
+  valid_QxG = np.arange(g)[None, :] < np.array([len(r) for r in lists], np.int64)[:, None]
+  return ranks_QxG, valid_QxG
 
 
 def retrieval_metrics(scores_AxT: np.ndarray, caption_clip_T: np.ndarray, *,
-                      true_recall: bool = False, intervals: bool = False) -> dict[str, float]:
+                      true_recall: bool = False, intervals: bool = False,
+                      clip_group_A: np.ndarray | None = None) -> dict[str, float]:
   """Flat dict: 't2a/R@1' ... 't2a/mAP@10', 't2a/median_rank', 't2a/mean_rank', same for a2t.
 
   With `intervals`, each metric also gets '<name>/ci95' = half-width of a jackknife 95%
-  interval over the queries.
+  interval over the queries. With `clip_group_A` (class index per clip) T2A is class-level.
 
   Raises:
     NonFiniteScoresError: a score is NaN or Inf, naming the clips and captions affected.
   """
-  per = per_query_metrics(scores_AxT, caption_clip_T, true_recall=true_recall)
+  per = per_query_metrics(scores_AxT, caption_clip_T, true_recall=true_recall,
+                          clip_group_A=clip_group_A)
   out: dict[str, float] = {}
   for direction, values in per.items():
     ranks = values.pop("rank")
@@ -263,6 +322,27 @@ def two_stage_t2a_ranks(scores_AxT: np.ndarray, global_AxT: np.ndarray,
   beaten_T = (in_list_TxA & (scores_AxT.T > gt_T[:, None])).sum(1)
   found_T = in_list_TxA[cols, caption_clip_T]
   return np.where(found_T, 1 + beaten_T, num_a + 1)
+
+
+def two_stage_t2a_class(scores_AxT: np.ndarray, global_AxT: np.ndarray,
+                       caption_clip_T: np.ndarray, clip_group_A: np.ndarray,
+                       shortlist: int) -> dict[str, float]:
+  """Class-level T2A R@1/5/10 and mAP@10 (percent) when only the `shortlist` best clips by
+  global cosine are re-ranked (shortlist as `two_stage_t2a_ranks`); relevant clips left out
+  are never retrieved but still count in mAP's denominator."""
+  scores_AxT, global_AxT = np.asarray(scores_AxT), np.asarray(global_AxT)
+  check_finite_scores(scores_AxT)
+  check_finite_scores(global_AxT)
+  num_a, num_t = scores_AxT.shape
+  order_TxA = np.argsort(-global_AxT.T, axis=1, kind="stable")
+  in_list_TxA = np.zeros((num_t, num_a), bool)
+  np.put_along_axis(in_list_TxA, order_TxA[:, :min(shortlist, num_a)], True, axis=1)
+  relevant_TxA = class_relevance(caption_clip_T, clip_group_A).T
+  # Clips out of the shortlist are not candidates: -inf never beats a relevant clip.
+  listed_TxA = np.where(in_list_TxA, scores_AxT.T, -np.inf)
+  ranks_TxG, valid_TxG = gt_ranks(listed_TxA, relevant_TxA & in_list_TxA)
+  per = multi_gt_metrics(ranks_TxG, valid_TxG, relevant_TxA.sum(1))
+  return {k: float(np.mean(v)) for k, v in per.items() if k != "rank"}
 
 
 def t2a_from_ranks(ranks_T: np.ndarray) -> dict[str, float]:

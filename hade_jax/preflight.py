@@ -41,7 +41,12 @@ def missing_inputs(config: ml_collections.ConfigDict,
   """One line per missing input: what, where it was looked for, and how to provide it."""
   d = config.data
   problems = []
-  if not (d.get("prepare_if_missing") and d.dataset == "synthcaps"):
+  if d.get("prepare_if_missing") and d.dataset == "folder":
+    manual = pathlib.Path(d.manual_dir).expanduser()
+    if not (d.manual_dir and manual.is_dir()):
+      problems.append(f"your folder: config.data.manual_dir={d.manual_dir!r} is not a folder; "
+                      "point it at the folder holding your audio and CSV(s)")
+  elif not (d.get("prepare_if_missing") and d.dataset == "synthcaps"):
     try:
       input_pipeline.dataset_dir(pathlib.Path(d.data_dir).expanduser(), d.dataset,
                                  data.builder_config_name(config))

@@ -101,7 +101,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses
               mel_BxNxF - mean_Bx1x1, batch["specaug_time"], batch["specaug_freq"]) + mean_Bx1x1
       a = model.encode_audio(batch["audio"], rngs=rngs, mel_transform=transform)
       t = model.encode_text(batch["input_ids"], batch["attention_mask"], rngs=rngs)
-      loss, step_metrics = losses.hade_loss(model.heads, a, t, batch["clip_id"], loss_cfg)
+      # Positives: same clip, or same class in a labels folder (clip_id stays for logging).
+      loss, step_metrics = losses.hade_loss(model.heads, a, t,
+                                            input_pipeline.positive_ids(batch), loss_cfg)
       return loss, (step_metrics, hade.split_model(model)[2])
 
     (_, (step_metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

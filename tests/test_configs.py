@@ -22,7 +22,8 @@ def load(path: pathlib.Path, arg: str = ""):
 
 
 def test_all_config_files_are_covered():
-  assert {p.name for p in CONFIG_FILES} == {"base.py", "clotho.py", "audiocaps.py", "demo.py"}
+  assert {p.name for p in CONFIG_FILES} == {"base.py", "clotho.py", "audiocaps.py", "demo.py",
+                                            "esc50.py"}
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
