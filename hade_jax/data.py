@@ -55,7 +55,8 @@ def input_config(config: ml_collections.ConfigDict, cfg: hade.HadeConfig
       config=builder_config_name(config), sample_rate=cfg.mel.sample_rate,
       tokenizer_path=str(pathlib.Path(d.tokenizer_dir).expanduser()),
       crop_seconds=d.crop_seconds, max_text_len=d.max_text_len, pad_mode=d.pad_mode,
-      eval_crop=d.eval_crop, specaug=specaug, num_threads=d.num_threads)
+      eval_crop=d.eval_crop, window_hop_seconds=d.window_hop_seconds, specaug=specaug,
+      num_threads=d.num_threads)
 
 
 def open_dataset(config: ml_collections.ConfigDict, cfg: hade.HadeConfig) -> Dataset:

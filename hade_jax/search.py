@@ -272,12 +272,15 @@ class Index:
     shard_of = np.searchsorted(self._offsets, rows, side="right") - 1
     out = {}
     for name, spec in self.manifest["features"].items():
-      out[name] = np.empty((len(rows), *spec["shape"]), spec["dtype"])
+      # eval_crop 'windows': a shard's levels hold as many frames as its longest clip; rows
+      # are zero-padded (masked) to the longest shard's, so every take has one shape.
+      shape = np.max([spec["shape"]] + [s[name].shape[1:] for s in self._shards], axis=0)
+      out[name] = np.zeros((len(rows), *shape), spec["dtype"])
     for s in np.unique(shard_of):
       sel = np.flatnonzero(shard_of == s)
       local = rows[sel] - self._offsets[s]
       for name, array in self._shards[s].items():
-        out[name][sel] = array[local]
+        out[name][sel, :array.shape[1]] = array[local]
     return unflatten_features(out, self.num_levels)
 
   def append(self, names: Sequence[str], features: hade_heads.AudioFeatures | None,
