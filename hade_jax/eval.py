@@ -3,6 +3,7 @@
   python -m hade_jax.eval --workdir=/tmp/hade_demo --split=test
   python -m hade_jax.eval --checkpoint=WD/best/480 --csv=captions.csv --audio_dir=audio/ \
       --out=/tmp/eval --true_recall --shortlists=10,50
+  python -m hade_jax.eval --workdir=WD --csv=captions.csv --eval_crop=windows  # long clips
 
 From Python, `evaluate(config, checkpoint=..., split=...)` or, with weights in memory,
 `evaluate(config, model=model, dataset=eval_split)` returns the same flat dict of metrics.
@@ -12,7 +13,9 @@ folder of audio files with a captions CSV: Clotho's layout (`file_name,caption_1
 other columns ignored; file names may hold sub-folders, relative to `audio_dir`, default the
 CSV's folder) or AudioCaps' (`audiocap_id,youtube_id,start_time,caption`, files found as the
 prepare step finds them). Unreadable files are skipped and reported; the clips evaluated are
-listed in the results.
+listed in the results. Clips longer than the crop follow `data.eval_crop` (`--eval_crop`):
+'head', 'center', or 'windows' every `data.window_hop_seconds` pooled per clip
+(docs/method.md section 9).
 
 Each modality is encoded once (per-level features and factors cached), then every (clip,
 caption) pair is scored in tiles of `config.eval_tile` x `config.eval_tile`, the clips of a tile
