@@ -18,7 +18,7 @@ import soundfile
 from flax import nnx
 
 from data_pipelines import policy
-from hade_jax import api, eval, hade, search
+from hade_jax import api, eval, search
 from tests.tiny_train_config import save_random_checkpoint, tiny_config
 
 RATE = 16_000
@@ -26,16 +26,17 @@ HOP_SECONDS = 0.635  # half the tiny crop (1.27 s): windows overlap by half
 
 
 @pytest.fixture(scope="module")
-def config(minilm_dir):
-  c = tiny_config("", minilm_dir)
-  c.data.eval_crop = "windows"
-  c.data.window_hop_seconds = HOP_SECONDS
-  return c
+def workdir(tmp_path_factory, minilm_dir) -> pathlib.Path:
+  """A checkpoint of a randomly initialised tiny HADE, laid out as the trainer writes it."""
+  return save_random_checkpoint(tmp_path_factory.mktemp("wd"), minilm_dir)
 
 
 @pytest.fixture(scope="module")
-def model(config) -> api.Hade:
-  return api.Hade(hade.HadeModel(hade.model_config(config), rngs=nnx.Rngs(3)), config)
+def model(workdir, minilm_dir) -> api.Hade:
+  config = tiny_config("", minilm_dir)
+  config.data.eval_crop = "windows"
+  config.data.window_hop_seconds = HOP_SECONDS
+  return api.Hade.load(workdir, config)
 
 
 def waves(seconds: float, seed: int) -> np.ndarray:
@@ -68,8 +69,10 @@ def test_windows_embedding_equals_the_windows_encoded_by_hand(model):
   s, hop = model.num_samples, model.window_hop
   starts = list(range(0, len(long) - s, hop)) + [len(long) - s]  # written out, not asked for
   assert starts == [0, hop, 2 * hop, 3 * hop, len(long) - s]
-  # The windows as one batch of the model itself (eager, no Encoder, no pooling code).
-  w = model.model.encode_audio(jnp.asarray(np.stack([long[t:t + s] for t in starts])))
+  # The windows as one batch of the model itself (no Encoder, no pooling code).
+  graphdef, state = nnx.split(model.model)
+  encode = jax.jit(lambda state, x: nnx.merge(graphdef, state).encode_audio(x))
+  w = encode(state, jnp.asarray(np.stack([long[t:t + s] for t in starts])))
   by_hand = [jax.tree.map(lambda x, i=i: x[i:i + 1], w) for i in range(len(starts))]
   g_D = np.mean([np.asarray(f.global_AxD[0]) for f in by_hand], axis=0)
   np.testing.assert_allclose(got.global_AxD[0], g_D, atol=1e-5)
@@ -103,10 +106,9 @@ def test_windows_short_clip_equals_the_one_crop_path_and_is_deterministic(model)
     np.testing.assert_array_equal(a, b)
 
 
-def test_windows_evaluation_end_to_end_on_clotho_eval7(shared_data, minilm_dir, tmp_path):
+def test_windows_evaluation_end_to_end_on_clotho_eval7(workdir, shared_data, tmp_path):
   """`python -m hade_jax.eval --eval_crop=windows` on 7 real 15-30 s Clotho clips scores what
   the API's windowed embeddings score."""
-  workdir = save_random_checkpoint(tmp_path / "wd", minilm_dir)
   csv_path = shared_data / "clotho_eval7" / "clotho_captions_evaluation.csv"
   out = tmp_path / "eval"
   result = eval.main([f"--checkpoint={workdir}", f"--csv={csv_path}",
