@@ -149,13 +149,15 @@ def eval_split(config: ml_collections.ConfigDict, ds: Dataset, split: str, *,
   def audio_batches():
     loader = input_pipeline.make_eval_audio_loader(
         icfg, split=split, batch_size=batch_size, source=source)
-    seen, it = 0, iter(loader)
+    wanted, it = {int(c) for c in clip_ids}, iter(loader)
     try:
       for batch in it:
-        if max_clips and seen >= len(clip_ids):
-          break
-        seen += int(batch["valid"].sum())
         yield batch
+        # Rows come in record order (a clip's windows together): a row of a later clip means
+        # every wanted clip's rows have been read.
+        ids = np.asarray(batch["clip_id"])[np.asarray(batch["valid"]).astype(bool)]
+        if max_clips and any(int(c) not in wanted for c in ids):
+          break
     finally:  # its threads and workers stop with the pass, not when garbage collected
       it.close()
 

@@ -12,13 +12,14 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import soundfile
 from flax import nnx
 
-from data_pipelines import policy
-from hade_jax import api, eval, search
+from data_pipelines import builders, policy
+from hade_jax import api, eval, evaluator, search
 from tests.tiny_train_config import save_random_checkpoint, tiny_config
 
 RATE = 16_000
@@ -122,7 +123,7 @@ def test_windows_evaluation_end_to_end_on_clotho_eval7(workdir, shared_data, tmp
   config = eval.crop_config(None, workdir / "checkpoints" / "0", "windows", 1.27)
   hade_model = api.Hade.load(workdir, config)
   audio = hade_model.embed_audio([c.path for c in clips])
-  assert audio.levels[0].shape[1] >= 12 * 16  # 15.7 s in 1.27 s windows: at least 13 windows
+  assert audio.levels[0].shape[1] >= 13 * 16  # 15.7 s in 1.27 s windows: at least 13 windows
   texts = hade_model.embed_text([t for c in clips for t in c.captions])
   np.testing.assert_allclose(np.load(out / "scores.npy"), hade_model.score(audio, texts),
                              atol=1e-5)
@@ -143,3 +144,21 @@ def test_windows_search_index_pads_shards_and_returns_the_api_features(model, tm
   hits = model.search(["noise"], search.Index(tmp_path / "index"), k=3, shortlist=0)
   assert sorted(h.name for h in hits[0]) == sorted(lengths)
   assert pathlib.Path(tmp_path / "index" / search.MANIFEST).is_file()
+
+
+def test_windows_prepared_split_scores_what_the_api_scores(model, shared_data, tmp_path):
+  """The TFDS evaluation pipeline's window rows (Grain, window_index) pool as the API does;
+  --max_clips stops after the last window of the last clip kept."""
+  builders.prepare("clotho", "16k", data_dir=tmp_path, manual_dir=shared_data / "clotho_eval7",
+                   progress=False)
+  config = ml_collections.ConfigDict(model.config.to_dict())
+  config.data.dataset, config.data.builder_config = "clotho", "16k"
+  config.data.data_dir, config.data.window_hop_seconds = str(tmp_path), 1.27
+  split = eval.prepared_split(config, model.model.cfg, "test", max_clips=2)
+  scored = evaluator.RetrievalEvaluator.from_config(config).evaluate(model.model, split)
+  user = api.Hade(model.model, config)
+  audio = user.embed_audio([shared_data / "clotho_eval7" / "evaluation" / name
+                            for name in split.clip_names])
+  assert len(split.clip_names) == 2 and audio.levels[0].shape[1] >= 13 * 16
+  np.testing.assert_allclose(scored.scores_AxT, user.score(audio, user.embed_text(split.texts)),
+                             atol=1e-5)
