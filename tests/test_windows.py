@@ -19,7 +19,7 @@ import soundfile
 from flax import nnx
 
 from data_pipelines import builders, policy
-from hade_jax import api, eval, evaluator, search
+from hade_jax import api, eval, evaluator, search, validation
 from tests.tiny_train_config import save_random_checkpoint, tiny_config
 
 RATE = 16_000
@@ -162,3 +162,10 @@ def test_windows_prepared_split_scores_what_the_api_scores(model, shared_data, t
   assert len(split.clip_names) == 2 and audio.levels[0].shape[1] >= 13 * 16
   np.testing.assert_allclose(scored.scores_AxT, user.score(audio, user.embed_text(split.texts)),
                              atol=1e-5)
+
+
+def test_windows_hop_longer_than_the_crop_is_refused_naming_the_field():
+  config = tiny_config("", "")
+  config.data.window_hop_seconds = 2.0  # the tiny crop is 1.27 s
+  with pytest.raises(validation.ConfigError, match="data.window_hop_seconds"):
+    validation.validate_config(config, training=False)
