@@ -12,6 +12,9 @@ atomically, so an interrupted run loses at most the clips not yet in a shard, an
 same command again continues where it stopped. Unreadable files are listed in the manifest and
 skipped. The manifest also names the checkpoint, the model's config and a fingerprint of its
 weights: queries load that model, and an index is never extended or queried with another.
+Clips longer than the crop follow the config's `data.eval_crop` (stored in the settings):
+with 'windows' a clip's levels hold every window's frames, so shards differ in frame count and
+rows read from them are padded (masked) to the longest (docs/method.md section 9).
 
 `query` is two-stage (docs/method.md section 6): the `--shortlist` clips with the best global cosine
 (one matrix product over the in-memory global embeddings), then the full score on those clips
