@@ -4,7 +4,8 @@ Facts: the datasets a config may name, the stored sample rate of each builder co
 the synthcaps sizes, the pad modes and evaluation crops. The policy: `crop_start` says where a
 clip's crop starts, `fit_clip` cuts or pads it to the crop length. Training (random starts),
 the TFDS evaluation pipeline (head / center / windows), the API (one crop per clip) and the
-front end's HF parity tests all call `fit_clip`.
+front end's HF parity tests all call `fit_clip`. Long clips by windows: `window_starts` says
+where each window starts, `fit_windows` cuts them (evaluation, the API and the search index).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ SYNTH_SIZES = {
 # past the end and cuts, 'repeatpad' tiles it a whole number of times then pads (HF default).
 PAD_MODES = ("zeros", "repeat", "repeatpad")
 # Clips longer than the crop at evaluation: the first ('head') or middle ('center') samples,
-# or consecutive windows (several rows per clip: the TFDS evaluation pipeline only).
+# or windows every `hop` samples covering the whole clip, each encoded, their features pooled
+# per clip (`retrieval.pool_windows`; docs/method.md "Long audio").
 EVAL_CROPS = ("head", "center", "windows")
-ONE_CROP_POLICIES = ("head", "center")
 
 
 def rate_name(rate: int) -> str:
@@ -48,11 +49,10 @@ def builder_rate(name: str) -> int | None:
 
 
 def check_crop_policy(crop: str, pad_mode: str) -> None:
-  """Raises ValueError unless (crop, pad_mode) gives one crop per clip (API, folder eval)."""
-  if crop not in ONE_CROP_POLICIES:
-    raise ValueError(f"config.data.eval_crop={crop!r}: embedding takes one crop per clip, "
-                     "'head' or 'center' ('windows' gives several rows per clip and is only "
-                     "for the TFDS evaluation pipeline)")
+  """Raises ValueError unless (crop, pad_mode) is a known evaluation crop and pad mode."""
+  if crop not in EVAL_CROPS:
+    raise ValueError(f"config.data.eval_crop={crop!r}: expected one of "
+                     f"{', '.join(map(repr, EVAL_CROPS))}")
   if pad_mode not in PAD_MODES:
     raise ValueError(f"config.data.pad_mode={pad_mode!r}: expected one of "
                      f"{', '.join(map(repr, PAD_MODES))}")
@@ -102,3 +102,43 @@ def fit_clip(wave_L: np.ndarray, num_samples: int, *, start: int = 0,
   out = np.zeros(num_samples, x.dtype)
   out[:n] = x
   return out, n
+
+
+def hop_samples(num_samples: int, hop_seconds: float, sample_rate: int) -> int:
+  """Samples between window starts: `hop_seconds` at `sample_rate`, 0 = the crop (no overlap).
+
+  Raises:
+    ValueError: a negative hop, or one longer than the crop (it would skip audio).
+  """
+  if hop_seconds < 0:
+    raise ValueError(f"config.data.window_hop_seconds={hop_seconds}: must be >= 0 "
+                     "(0 = the crop length)")
+  hop = num_samples if hop_seconds == 0 else int(round(hop_seconds * sample_rate))
+  if not 0 < hop <= num_samples:
+    raise ValueError(f"config.data.window_hop_seconds={hop_seconds}: {hop} samples at "
+                     f"{sample_rate} Hz; must be more than 0 and at most the crop "
+                     f"({num_samples} samples), or windows would skip audio")
+  return hop
+
+
+def window_starts(length: int, num_samples: int, hop: int,
+                  max_windows: int | None = None) -> list[int]:
+  """First samples of the windows of a `length`-sample clip: 0, hop, 2 hop, ... and the last
+  window aligned to the clip's end (L - S), so every window is whole audio (none is padded)
+  and every sample is covered. A clip no longer than the crop has one window at 0: exactly
+  the 'head' crop (padded by `fit_clip`). `max_windows` keeps the first ones (None = all).
+  """
+  if length <= num_samples:
+    return [0]
+  last = length - num_samples
+  starts = list(range(0, last, hop)) + [last]
+  return starts[:max_windows] if max_windows else starts
+
+
+def fit_windows(wave_L: np.ndarray, num_samples: int, hop: int, *,
+                pad_mode: str = "zeros") -> np.ndarray:
+  """A clip as its windows [W, S] (`window_starts`); a short clip is one padded crop [1, S]."""
+  wave_L = np.asarray(wave_L)
+  starts = window_starts(len(wave_L), num_samples, hop)
+  return np.stack([fit_clip(wave_L, num_samples, start=s, pad_mode=pad_mode)[0]
+                   for s in starts])

@@ -12,10 +12,12 @@
   ranked = hade.classify(["a.wav"], ["dog", "rain", "siren"])  # zero-shot: hade_jax/zero_shot.py
 
 Audio is made to look exactly like evaluation input (`input_pipeline`): decoded to mono at the
-model's rate (`data_pipelines.audio_io`: downmix, soxr resampling, int16), then ONE crop of
-`config.data.crop_seconds` per clip by `config.data.eval_crop` ('head': the first seconds,
-'center': the middle ones) and shorter clips padded by `config.data.pad_mode` ('zeros' at the
-end, or 'repeat'). Nothing is random: the same input always gives the same features.
+model's rate (`data_pipelines.audio_io`: downmix, soxr resampling, int16), then cropped to
+`config.data.crop_seconds` by `config.data.eval_crop` ('head': the first seconds, 'center': the
+middle ones, 'windows': every `config.data.window_hop_seconds`, each window encoded and the
+clip's features pooled, docs/method.md §9) and shorter clips padded by `config.data.pad_mode`
+('zeros' at the end, or 'repeat'). Nothing is random: the same input always gives the same
+features. `embed_audio(..., crop='windows')` overrides the config's crop for one call.
 
 Legend: A: audios, T: texts, S: samples, L: clip length, Q: queries.
 """
@@ -165,18 +167,22 @@ def array_to_mono(wave: np.ndarray, sample_rate: int, target_rate: int) -> np.nd
 
 
 def load_audio(item: AudioItem, *, sample_rate: int, num_samples: int, crop: str = "head",
-               pad_mode: str = "zeros", item_rate: int | None = None) -> np.ndarray:
-  """One file or array -> the [num_samples] float32 waveform a model at `sample_rate` sees.
+               pad_mode: str = "zeros", item_rate: int | None = None,
+               window_hop: int | None = None) -> np.ndarray:
+  """One file or array -> the float32 waveform a model at `sample_rate` sees: [num_samples],
+  or [W, num_samples] windows with crop='windows'.
 
   Args:
     item: a path (str or os.PathLike; any format soundfile reads) or an array (see
       `array_to_mono`).
     sample_rate: the model's rate.
     num_samples: the crop length.
-    crop: 'head' or 'center' (`data_pipelines.policy.crop_start`).
+    crop: 'head', 'center' (`data_pipelines.policy.crop_start`) or 'windows'
+      (`policy.fit_windows`, the whole file decoded).
     pad_mode: one of `data_pipelines.policy.PAD_MODES` (`policy.fit_clip`).
     item_rate: an array's rate (required for arrays: a wrong guess gives wrong features
       without a word); files carry their own.
+    window_hop: samples between window starts (crop='windows'; default `num_samples`).
 
   Raises:
     audio_io.AudioError: a file that is missing, unreadable, empty, holds NaN/Inf or has a
@@ -192,11 +198,16 @@ def load_audio(item: AudioItem, *, sample_rate: int, num_samples: int, crop: str
   elif isinstance(item, str | os.PathLike):
     # Decoded as the prepare step stores clips (int16 at the model's rate), so a file gives
     # the features its prepared record gives in evaluation; only the crop's frames are read.
-    wave = audio_io.decode_crop(pathlib.Path(item), sample_rate, num_samples,
-                                crop).samples.astype(np.float32) / 32768.0
+    path = pathlib.Path(item)
+    decoded = (audio_io.decode(path, sample_rate) if crop == "windows" else
+               audio_io.decode_crop(path, sample_rate, num_samples, crop))
+    wave = decoded.samples.astype(np.float32) / 32768.0
   else:
     raise TypeError(f"an audio item must be a path (str or os.PathLike) or a numpy array, got "
                     f"{type(item).__name__}")
+  if crop == "windows":
+    return policy.fit_windows(np.asarray(wave, np.float32), num_samples,
+                              window_hop or num_samples, pad_mode=pad_mode)
   start = policy.crop_start(len(wave), num_samples, crop)
   return policy.fit_clip(np.asarray(wave, np.float32), num_samples, start=start,
                          pad_mode=pad_mode)[0]
@@ -249,6 +260,8 @@ class Hade:
     self.num_samples = int(round(d.crop_seconds * self.sample_rate))
     self.crop, self.pad_mode = d.eval_crop, d.pad_mode
     policy.check_crop_policy(self.crop, self.pad_mode)
+    self.window_hop = policy.hop_samples(self.num_samples, d.get("window_hop_seconds", 0.0),
+                                         self.sample_rate)
     self.batch_size = int(config.get("eval_batch_size", 64))
     self.tile = int(config.get("eval_tile", 256))
     self._tokenizer = None
@@ -309,19 +322,27 @@ class Hade:
       self._fingerprint = fingerprint(self.model)
     return self._fingerprint
 
-  def settings(self) -> dict:
-    """What makes two embeddings of the same audio comparable (stored with an index)."""
-    return {"sample_rate": self.sample_rate, "num_samples": self.num_samples,
-            "crop": self.crop, "pad_mode": self.pad_mode}
+  def settings(self, crop: str | None = None) -> dict:
+    """What makes two embeddings of the same audio comparable (stored with an index);
+    `crop` overrides the config's eval_crop."""
+    crop = crop or self.crop
+    policy.check_crop_policy(crop, self.pad_mode)
+    out = {"sample_rate": self.sample_rate, "num_samples": self.num_samples,
+           "crop": crop, "pad_mode": self.pad_mode}
+    if crop == "windows":  # only then: indexes of one-crop policies keep their settings
+      out["window_hop"] = self.window_hop
+    return out
 
   # -- embedding -------------------------------------------------------------------------------
 
-  def load_audio(self, item: AudioItem, sample_rate: int | None = None) -> np.ndarray:
-    """One file or array -> the [S] float32 waveform the model sees (see `load_audio`)."""
-    return load_audio(item, item_rate=sample_rate, **self.settings())
+  def load_audio(self, item: AudioItem, sample_rate: int | None = None, *,
+                 crop: str | None = None) -> np.ndarray:
+    """One file or array -> the float32 waveform the model sees: [S], or [W, S] windows with
+    crop 'windows' (see `load_audio`)."""
+    return load_audio(item, item_rate=sample_rate, **self.settings(crop))
 
   def load_audios(self, items: Sequence[AudioItem], sample_rate: int | None = None, *,
-                  num_threads: int = 4, on_error: str = "raise"
+                  num_threads: int = 4, on_error: str = "raise", crop: str | None = None
                   ) -> list[np.ndarray | ValueError]:
     """`load_audio` over many items, decoded in threads (soundfile and soxr release the GIL).
 
@@ -333,7 +354,7 @@ class Hade:
 
     def one(x):
       try:
-        return self.load_audio(x, sample_rate)
+        return self.load_audio(x, sample_rate, crop=crop)
       except ValueError as e:
         if on_error == "raise":
           raise
@@ -344,14 +365,17 @@ class Hade:
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
       return list(pool.map(one, items))
 
-  def embed_waves(self, waves: Sequence[np.ndarray], batch_size: int | None = None
-                  ) -> hade_heads.AudioFeatures:
-    """[S] waveforms (already `load_audio`ed) -> cached audio features (numpy)."""
+  def embed_waves(self, waves: Sequence[np.ndarray], batch_size: int | None = None, *,
+                  crop: str | None = None) -> hade_heads.AudioFeatures:
+    """Waveforms already `load_audio`ed -> cached audio features (numpy): [S] each, or with
+    crop 'windows' [W, S] each (a [S] wave is one window), pooled per clip."""
+    if (crop or self.crop) == "windows":
+      return self.encoder.audio_windows(waves, batch_size or self.batch_size)
     return self.encoder.audio(waves, batch_size or self.batch_size)
 
   def embed_audio(self, items: AudioItem | Sequence[AudioItem], *,
                   sample_rate: int | None = None, batch_size: int | None = None,
-                  on_error: str = "raise"
+                  on_error: str = "raise", crop: str | None = None
                   ) -> hade_heads.AudioFeatures | tuple[hade_heads.AudioFeatures | None,
                                                         list[Skipped]]:
     """Files (any format soundfile reads) or arrays -> cached audio features, in order.
@@ -363,6 +387,7 @@ class Hade:
       batch_size: clips per encoder call (default config.eval_batch_size); results do not
         depend on it.
       on_error: 'raise' (the first unusable item raises, naming it) or 'skip'.
+      crop: 'head', 'center' or 'windows' for this call (default config.data.eval_crop).
 
     Returns:
       The features; with on_error='skip', (features of the usable items in order, or None
@@ -382,14 +407,15 @@ class Hade:
     out, skipped = [], []
     for start in range(0, len(items), batch_size):
       waves = []
-      loaded = self.load_audios(items[start:start + batch_size], sample_rate, on_error=on_error)
+      loaded = self.load_audios(items[start:start + batch_size], sample_rate, on_error=on_error,
+                                crop=crop)
       for i, wave in enumerate(loaded, start):
         if isinstance(wave, ValueError):
           skipped.append(Skipped(i, _describe(items[i]), str(wave)))
         else:
           waves.append(wave)
       if waves:
-        out.append(self.embed_waves(waves, batch_size))
+        out.append(self.embed_waves(waves, batch_size, crop=crop))
     features = retrieval.concat_features(out) if out else None
     # NaN embeddings would rank first in every search: refuse them naming the items.
     if features is not None:

@@ -66,6 +66,8 @@ class DataConfig:
   # Clips shorter than the crop: 'zeros' (pad at end), 'repeat' or 'repeatpad' (policy.py).
   pad_mode: str = "zeros"
   eval_crop: str = "head"  # eval: 'head', 'center' or 'windows' of longer clips (policy.py).
+  # 'windows': seconds between window starts (0 = crop_seconds: windows do not overlap).
+  window_hop_seconds: float = 0.0
   num_threads: int = 2  # threads per process (or worker) assembling batches.
   prepare_if_missing: bool = False  # demo: generate + prepare synthcaps when absent.
   synth_size: str = ""  # synthcaps size ('tiny', 'demo', 'full'): builder '<size>_<rate>'.
@@ -89,7 +91,9 @@ class DataConfig:
     p.choice("dataset", policy.DATASETS)
     p.choice("pad_mode", policy.PAD_MODES)
     p.choice("eval_crop", policy.EVAL_CROPS)
-    p.positive("crop_seconds")
+    if p.positive("crop_seconds") and p.at_least("window_hop_seconds", 0.0):
+      p.at_most("window_hop_seconds", self.crop_seconds,
+                "crop_seconds: longer hops would skip audio; 0 = the crop")
     for name in ("num_workers", "spec_time_stripes", "spec_time_width", "spec_freq_stripes",
                  "spec_freq_width"):
       p.at_least(name, 0)

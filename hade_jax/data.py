@@ -63,7 +63,8 @@ def input_config(config: ml_collections.ConfigDict, cfg: hade.HadeConfig
       config=builder_config_name(config), sample_rate=cfg.mel.sample_rate,
       tokenizer_path=str(pathlib.Path(d.tokenizer_dir).expanduser()),
       crop_seconds=d.crop_seconds, max_text_len=d.max_text_len, pad_mode=d.pad_mode,
-      eval_crop=d.eval_crop, specaug=specaug, num_threads=d.num_threads)
+      eval_crop=d.eval_crop, window_hop_seconds=d.window_hop_seconds, specaug=specaug,
+      num_threads=d.num_threads)
 
 
 def open_dataset(config: ml_collections.ConfigDict, cfg: hade.HadeConfig) -> Dataset:
@@ -192,13 +193,15 @@ def eval_split(config: ml_collections.ConfigDict, ds: Dataset, split: str, *,
   def audio_batches():
     loader = input_pipeline.make_eval_audio_loader(
         icfg, split=split, batch_size=batch_size, source=source)
-    seen, it = 0, iter(loader)
+    wanted, it = {int(c) for c in clip_ids}, iter(loader)
     try:
       for batch in it:
-        if max_clips and seen >= len(clip_ids):
-          break
-        seen += int(batch["valid"].sum())
         yield batch
+        # Rows come in record order (a clip's windows together): a row of a later clip means
+        # every wanted clip's rows have been read.
+        ids = np.asarray(batch["clip_id"])[np.asarray(batch["valid"]).astype(bool)]
+        if max_clips and any(int(c) not in wanted for c in ids):
+          break
     finally:  # its threads and workers stop with the pass, not when garbage collected
       it.close()
 

@@ -3,6 +3,7 @@
   python -m hade_jax.eval --workdir=/tmp/hade_demo --split=test
   python -m hade_jax.eval --checkpoint=WD/best/480 --csv=captions.csv --audio_dir=audio/ \
       --out=/tmp/eval --true_recall --shortlists=10,50
+  python -m hade_jax.eval --workdir=WD --csv=captions.csv --eval_crop=windows  # long clips
 
 From Python, `evaluate(config, checkpoint=..., split=...)` or, with weights in memory,
 `evaluate(config, model=model, dataset=eval_split)` returns the same flat dict of metrics.
@@ -12,7 +13,9 @@ folder of audio files with a captions CSV: Clotho's layout (`file_name,caption_1
 other columns ignored; file names may hold sub-folders, relative to `audio_dir`, default the
 CSV's folder) or AudioCaps' (`audiocap_id,youtube_id,start_time,caption`, files found as the
 prepare step finds them). Unreadable files are skipped and reported; the clips evaluated are
-listed in the results.
+listed in the results. Clips longer than the crop follow `data.eval_crop` (`--eval_crop`):
+'head', 'center', or 'windows' every `data.window_hop_seconds` pooled per clip
+(docs/method.md section 9).
 
 Each modality is encoded once (per-level features and factors cached), then every (clip,
 caption) pair is scored in tiles of `config.eval_tile` x `config.eval_tile`, the clips of a tile
@@ -154,9 +157,11 @@ def folder_split(csv_path: str | os.PathLike, config: ml_collections.ConfigDict,
   if max_clips:
     clips = clips[:max_clips]
   d = config.data
-  settings = {"sample_rate": cfg.mel.sample_rate,
-              "num_samples": int(round(d.crop_seconds * cfg.mel.sample_rate)),
-              "crop": d.eval_crop, "pad_mode": d.pad_mode}
+  num_samples = int(round(d.crop_seconds * cfg.mel.sample_rate))
+  settings = {"sample_rate": cfg.mel.sample_rate, "num_samples": num_samples,
+              "crop": d.eval_crop, "pad_mode": d.pad_mode,
+              "window_hop": policy.hop_samples(num_samples, d.get("window_hop_seconds", 0.0),
+                                               cfg.mel.sample_rate)}
   policy.check_crop_policy(d.eval_crop, d.pad_mode)
   batch_size = int(config.eval_batch_size)
   tok = tokenizer.Tokenizer(pathlib.Path(d.tokenizer_dir).expanduser(), d.max_text_len)
@@ -165,18 +170,32 @@ def folder_split(csv_path: str | os.PathLike, config: ml_collections.ConfigDict,
   ids_TxM, mask_TxM = tok(texts)
 
   def audio_batches():
+    # Rows of `batch_size` windows (one per clip unless eval_crop is 'windows'), each with its
+    # clip and window number; the last batch is padded with invalid rows.
+    rows = []
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
       for start in range(0, len(clips), batch_size):
         chunk = clips[start:start + batch_size]
-        waves = list(pool.map(lambda c: api.load_audio(c.path, **settings), chunk))
-        n = len(waves)
-        waves += [waves[-1]] * (batch_size - n)
-        yield {"audio": np.stack(waves), "clip_id": np.arange(start, start + batch_size),
-               "valid": np.arange(batch_size) < n}
+        for i, wave in enumerate(pool.map(lambda c: api.load_audio(c.path, **settings), chunk),
+                                 start):
+          rows += [(i, w, x) for w, x in enumerate(np.reshape(wave, (-1, num_samples)))]
+        while len(rows) >= batch_size or (rows and start + batch_size >= len(clips)):
+          yield _rows_batch(rows[:batch_size], batch_size)
+          rows = rows[batch_size:]
 
   split = data.EvalSplit(audio_batches, ids_TxM, mask_TxM, caption_clip.astype(np.int64),
                          np.arange(len(clips)), [c.name for c in clips], texts)
   return split, issues
+
+
+def _rows_batch(rows: list, batch_size: int) -> dict:
+  """{audio [B, S], clip_id, window_index, valid} of (clip, window, wave) rows, padded to B."""
+  n = len(rows)
+  rows = rows + [rows[-1]] * (batch_size - n)
+  return {"audio": np.stack([x for _, _, x in rows]),
+          "clip_id": np.array([c for c, _, _ in rows]),
+          "window_index": np.array([w for _, w, _ in rows]),
+          "valid": np.arange(batch_size) < n}
 
 
 def prepared_split(config: ml_collections.ConfigDict, cfg: hade.HadeConfig, split: str, *,
@@ -325,7 +344,27 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_list("shortlists", [], "Two-stage shortlist sizes, e.g. 10,50.", flag_values=fv)
   flags.DEFINE_integer("max_clips", 0, "First N clips only.", lower_bound=0, flag_values=fv)
   flags.DEFINE_bool("save_scores", False, "Also write scores.npy.", flag_values=fv)
+  flags.DEFINE_enum("eval_crop", None, list(policy.EVAL_CROPS), "Clips longer than the crop: "
+                    "the config's data.eval_crop instead ('windows': every window encoded, "
+                    "pooled per clip).", flag_values=fv)
+  flags.DEFINE_float("window_hop_seconds", None, "With 'windows': seconds between window "
+                     "starts (data.window_hop_seconds; 0 = the crop).", flag_values=fv)
   cli.define_distributed_flags(fv)
+
+
+def crop_config(config: ml_collections.ConfigDict | None, step_dir: pathlib.Path,
+                crop: str | None, hop_seconds: float | None) -> ml_collections.ConfigDict | None:
+  """`config` (default: the checkpoint's) with data.eval_crop / data.window_hop_seconds set."""
+  if crop is None and hop_seconds is None:
+    return config
+  if config is None:
+    config = ml_collections.ConfigDict(checkpoints.saved_config(step_dir))
+  with config.unlocked():  # a checkpoint saved before window_hop_seconds existed lacks it
+    if crop is not None:
+      config.data.eval_crop = crop
+    if hop_seconds is not None:
+      config.data.window_hop_seconds = float(hop_seconds)
+  return config
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -345,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
   cli.start_distributed(fv)
   config = cli.model_config(fv)
   step_dir = checkpoints.step_dir(fv.checkpoint, fv.which)
+  config = crop_config(config, step_dir, fv.eval_crop, fv.window_hop_seconds)
   out = fv.out
   if not out:
     name = pathlib.Path(fv.csv).stem if fv.csv else (fv.split or "test")

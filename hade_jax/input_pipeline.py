@@ -28,9 +28,10 @@ Evaluation is deterministic and covers every clip and every caption:
   `make_eval_audio_loader`: audio rows [B, S] in record order with clip_id, window_index and
   valid (0 on padding rows of the last batch, and on the rows a process adds so that every
   process yields the same number of batches). Clips longer than S follow `eval_crop`:
-  'head' (first S samples), 'center' (middle S samples) or 'windows' (consecutive S-sample
-  windows, the last one aligned to the clip's end; one row each, so the evaluator averages
-  per clip_id). Shorter clips are zero-padded at the end, as in training.
+  'head' (first S samples), 'center' (middle S samples) or 'windows' (S-sample windows
+  every `window_hop_seconds`, the last one aligned to the clip's end: `policy.window_starts`;
+  one row each, so the evaluator pools them per clip_id). Shorter clips are padded by
+  `pad_mode`, as in training.
   `eval_captions`: every caption, tokenised, with the clip_id it belongs to.
 """
 
@@ -89,6 +90,7 @@ class InputConfig:
     max_text_len: M, tokens per caption including special tokens.
     pad_mode: clips shorter than S: 'zeros' (pad at the end) or 'repeat' (tile the clip).
     eval_crop: 'head', 'center' or 'windows' (module docstring).
+    window_hop_seconds: seconds between window starts with 'windows' (0 = crop_seconds).
     eval_max_windows: cap on windows per clip with 'windows' (None = no cap).
     specaug: SpecAugment stripes for training, None = off.
     num_threads: threads per process (or per worker process), each assembling a batch.
@@ -104,6 +106,7 @@ class InputConfig:
   max_text_len: int = 32
   pad_mode: str = "zeros"
   eval_crop: str = "head"
+  window_hop_seconds: float = 0.0
   eval_max_windows: int | None = None
   specaug: SpecAugmentConfig | None = None
   num_threads: int = 2
@@ -388,20 +391,17 @@ def clip_lengths(source: ClipSource) -> np.ndarray:
 
 
 def eval_rows(lengths: np.ndarray, num_samples: int, crop: str,
-              max_windows: int | None = None) -> list[_Row]:
-  """The deterministic (record, start, window) rows of the eval crop policy `crop`."""
+              max_windows: int | None = None, hop: int | None = None) -> list[_Row]:
+  """The deterministic (record, start, window) rows of the eval crop policy `crop`
+  (`hop`: samples between window starts, default `num_samples`)."""
   rows = []
   for position, n in enumerate(lengths):
     n = int(n)
-    if n <= num_samples or crop != "windows":
+    if crop != "windows":
       rows.append(_Row(position, policy.crop_start(n, num_samples, crop), 0))
-    else:
-      count = -(-n // num_samples)
-      if max_windows:
-        count = min(count, max_windows)
-      for w in range(count):
-        # The last window ends at the clip's end instead of running into padding.
-        rows.append(_Row(position, min(w * num_samples, n - num_samples), w))
+      continue
+    starts = policy.window_starts(n, num_samples, hop or num_samples, max_windows)
+    rows += [_Row(position, start, w) for w, start in enumerate(starts)]
   return rows
 
 
@@ -430,7 +430,8 @@ def make_eval_audio_loader(cfg: InputConfig, *, split: str, batch_size: int,
     lengths = np.zeros(len(source), np.int64)  # 'head' needs no lengths
   else:
     lengths = clip_lengths(source)
-  rows = eval_rows(lengths, s, cfg.eval_crop, cfg.eval_max_windows)
+  hop = policy.hop_samples(s, cfg.window_hop_seconds, cfg.sample_rate)
+  rows = eval_rows(lengths, s, cfg.eval_crop, cfg.eval_max_windows, hop)
   rows = _pad_and_shard(rows, batch_size, shard_index, shard_count, _Row(-1, 0, 0))
   ds = grain.MapDataset.source(_EvalAudioRows(source, rows, s, cfg.pad_mode))
   ds = ds.batch(batch_size, drop_remainder=False)

@@ -56,9 +56,70 @@ def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
   return np.concatenate([x, np.repeat(x[-1:], n - x.shape[0], axis=0)])
 
 
+def _pad_frames(x: np.ndarray, frames: int) -> np.ndarray:
+  """[A, N, ...] grown to `frames` on axis 1 with zeros (False for masks: padding is masked)."""
+  x = np.asarray(x)
+  if x.ndim < 2 or x.shape[1] == frames:
+    return x
+  widths = [(0, 0), (0, frames - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+  return np.pad(x, widths)
+
+
 def concat_features(features: list) -> object:
-  """Row-wise concatenation of feature pytrees (numpy)."""
-  return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *features)
+  """Row-wise concatenation of feature pytrees (numpy).
+
+  Windowed clips (`pool_windows`) hold more frames per level than one crop: level arrays of
+  different frame counts are padded to the longest, the padding masked.
+  """
+  def cat(*xs):
+    xs = [np.asarray(x) for x in xs]
+    frames = max(x.shape[1] for x in xs) if xs[0].ndim >= 2 else None
+    return np.concatenate([_pad_frames(x, frames) for x in xs] if frames else xs)
+
+  return jax.tree.map(cat, *features)
+
+
+def pool_windows(windows: hade_heads.AudioFeatures, counts_A: Sequence[int], level_sim: str
+                 ) -> hade_heads.AudioFeatures:
+  """The features of A clips from the features of their windows (docs/method.md §9).
+
+  Args:
+    windows: features of sum(counts_A) windows: clip 0's windows in time order, then clip 1's...
+    counts_A: windows per clip (at least 1 each).
+    level_sim: the heads' `level_sim` ('tokens' or 'pooled').
+
+  Global: the mean of the windows' projected embeddings, before normalisation (the cosine
+  normalises afterwards), so a window counts by its embedding's length as a clip-level pool
+  would. DCR factors are the pooled global's: the factor split (and the optional DCR linear
+  map) is affine, so the mean of the windows' factors IS the factors of the mean. THA
+  'tokens' levels: every window's frames, concatenated in time order with their masks and
+  token logits (clips with fewer windows are padded, masked); 'pooled' levels: the
+  normalised mean of the windows' unit vectors. One window per clip returns its features.
+  """
+  counts_A = [int(c) for c in counts_A]
+  if min(counts_A, default=1) < 1 or sum(counts_A) != num_rows(windows):
+    raise ValueError(f"pool_windows: {num_rows(windows)} window rows for counts {counts_A}")
+  w = jax.tree.map(np.asarray, windows)
+  if all(c == 1 for c in counts_A):
+    return w
+  bounds = np.cumsum([0] + counts_A)
+  clips = [slice(bounds[i], bounds[i + 1]) for i in range(len(counts_A))]
+
+  def mean(x):
+    return None if x is None else np.stack([x[c].mean(axis=0) for c in clips])
+
+  def frames(x_WxN):  # [W, N, ...] -> [1, W*N, ...] per clip, padded to the longest clip
+    return concat_features([x_WxN[c].reshape(1, -1, *x_WxN.shape[2:]) for c in clips])
+
+  if level_sim == "tokens":
+    levels, masks, logits = (tuple(frames(x) for x in xs) for xs in
+                             (w.levels, w.level_masks, w.level_logits))
+  else:  # 'pooled': one unit vector per window and level
+    levels = tuple(np.asarray(hade_heads.normalize(mean(x))) for x in w.levels)
+    masks = tuple(np.ones(x.shape[:2], bool) for x in levels)
+    logits = tuple(np.zeros(x.shape[:2], x.dtype) for x in levels)
+  return hade_heads.AudioFeatures(mean(w.global_AxD), levels, masks, logits,
+                                  mean(w.factors_AxKxd))
 
 
 def _take(features, start: int, stop: int, size: int):
@@ -137,6 +198,7 @@ class Encoder:
     self.replicated = NamedSharding(self.mesh, P())
     self.graphdef, state = nnx.split(model)
     self.state = jax.device_put(state, self.replicated)
+    self.level_sim = model.cfg.heads.level_sim  # how windows' THA levels pool
     # The jitted functions take the weights as an argument, so new weights of the same
     # structure (`load`, another Encoder of the same model) reuse what compiled.
     static = _Structure(self.graphdef, model.cfg)
@@ -175,12 +237,21 @@ class Encoder:
       out.append(jax.tree.map(lambda x, n=n: x[:n], feats))
     return concat_features(out)
 
+  def audio_windows(self, windows: Sequence[np.ndarray], batch_size: int
+                    ) -> hade_heads.AudioFeatures:
+    """Encodes clips given as windows [W_i, S] (`policy.fit_windows`), pooled per clip
+    (`pool_windows`); the windows of all clips share fixed-size batches."""
+    windows = [np.atleast_2d(w) for w in windows]
+    rows = self.audio([row for w in windows for row in w], batch_size)
+    return pool_windows(rows, [len(w) for w in windows], self.level_sim)
+
   def audio_batches(self, batches: Iterable[dict], clip_ids_A: np.ndarray
                     ) -> hade_heads.AudioFeatures:
-    """Encodes evaluation batches {audio [B, S], clip_id [B], valid [B]} (fixed B).
+    """Encodes evaluation batches {audio [B, S], clip_id [B], valid [B], optional
+    window_index [B]} (fixed B).
 
-    Returns features in the order of `clip_ids_A`; every clip must appear exactly once
-    (one crop per clip: 'head' or 'center').
+    Returns features in the order of `clip_ids_A`. A clip may have several rows (eval_crop
+    'windows'), numbered 0..W-1 by window_index: they are pooled (`pool_windows`).
     """
     position = {int(c): i for i, c in enumerate(clip_ids_A)}
     feats, order = [], []
@@ -189,18 +260,22 @@ class Encoder:
       audio = np.asarray(batch["audio"], np.float32)
       batch_size = batch_size or len(audio)
       ids = np.asarray(batch["clip_id"])
+      window = np.asarray(batch.get("window_index", np.zeros(len(ids), np.int64)))
       keep = np.flatnonzero(np.asarray(batch["valid"]).astype(bool)
                             & np.isin(ids, np.asarray(clip_ids_A)))
       if not len(keep):
         continue
       out = self._encode_rows(self._audio, _pad_rows(audio, batch_size))
       feats.append(jax.tree.map(lambda x, keep=keep: x[keep], out))
-      order += [position[int(c)] for c in ids[keep]]
-    if sorted(order) != list(range(len(clip_ids_A))):
-      raise ValueError(f"evaluation batches held {len(order)} clip rows for {len(clip_ids_A)} "
-                       "clips; each clip must appear exactly once (eval_crop 'head' or 'center')")
-    inverse = np.argsort(np.asarray(order))
-    return jax.tree.map(lambda x: x[inverse], concat_features(feats))
+      order += [(position[int(c)], int(w)) for c, w in zip(ids[keep], window[keep], strict=True)]
+    counts_A = np.bincount([p for p, _ in order], minlength=len(clip_ids_A))
+    if counts_A.min(initial=1) < 1 or sorted(order) != [
+        (p, w) for p in range(len(clip_ids_A)) for w in range(counts_A[p])]:
+      raise ValueError(f"evaluation batches held {len(order)} rows for {len(clip_ids_A)} clips; "
+                       "each clip must appear once, or once per window numbered 0..W-1")
+    sort = sorted(range(len(order)), key=order.__getitem__)
+    rows = jax.tree.map(lambda x: x[np.asarray(sort)], concat_features(feats))
+    return pool_windows(rows, counts_A, self.level_sim)
 
   def text(self, ids_TxM: np.ndarray, mask_TxM: np.ndarray, batch_size: int
            ) -> hade_heads.TextFeatures:

@@ -12,6 +12,9 @@ atomically, so an interrupted run loses at most the clips not yet in a shard, an
 same command again continues where it stopped. Unreadable files are listed in the manifest and
 skipped. The manifest also names the checkpoint, the model's config and a fingerprint of its
 weights: queries load that model, and an index is never extended or queried with another.
+Clips longer than the crop follow the config's `data.eval_crop` (stored in the settings):
+with 'windows' a clip's levels hold every window's frames, so shards differ in frame count and
+rows read from them are padded (masked) to the longest (docs/method.md section 9).
 
 `query` is two-stage (docs/method.md section 6): the `--shortlist` clips with the best global cosine
 (one matrix product over the in-memory global embeddings), then the full score on those clips
@@ -272,12 +275,15 @@ class Index:
     shard_of = np.searchsorted(self._offsets, rows, side="right") - 1
     out = {}
     for name, spec in self.manifest["features"].items():
-      out[name] = np.empty((len(rows), *spec["shape"]), spec["dtype"])
+      # eval_crop 'windows': a shard's levels hold as many frames as its longest clip; rows
+      # are zero-padded (masked) to the longest shard's, so every take has one shape.
+      shape = np.max([spec["shape"]] + [s[name].shape[1:] for s in self._shards], axis=0)
+      out[name] = np.zeros((len(rows), *shape), spec["dtype"])
     for s in np.unique(shard_of):
       sel = np.flatnonzero(shard_of == s)
       local = rows[sel] - self._offsets[s]
       for name, array in self._shards[s].items():
-        out[name][sel] = array[local]
+        out[name][sel, :array.shape[1]] = array[local]
     return unflatten_features(out, self.num_levels)
 
   def append(self, names: Sequence[str], features: hade_heads.AudioFeatures | None,

@@ -44,7 +44,7 @@ def test_bad_requests_are_refused():
     policy.fit_clip(np.zeros(3), 4, pad_mode="reflect")
   with pytest.raises(ValueError, match="mono"):
     policy.fit_clip(np.zeros((3, 2)), 4)
-  with pytest.raises(ValueError, match="one crop per clip"):
-    policy.check_crop_policy("windows", "zeros")
+  with pytest.raises(ValueError, match="eval_crop='middle'"):
+    policy.check_crop_policy("middle", "zeros")
   out, n = policy.fit_clip(np.zeros(0, np.float32), 4, pad_mode="repeat")
   assert n == 0 and out.shape == (4,)  # an empty clip is all padding in any mode
