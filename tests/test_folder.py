@@ -216,6 +216,10 @@ def test_esc50_subset_prepares_with_labels_and_trains_a_step(esc50_run):
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert np.isfinite([x["train/loss"] for x in lines if "train/loss" in x]).all()
   assert any("val/t2a/mAP@10" in x for x in lines)
+  # A labels split also measures zero-shot classification over its classes.
+  [val] = [x for x in lines if "val/zero_shot/top1" in x]
+  assert 0 <= val["val/zero_shot/top1"] <= val["val/zero_shot/top5"] == 100.0  # 3 classes
+  assert {f"val/zero_shot/per_class/{c}" for c in test.classes} <= val.keys()
   assert len(json.loads((workdir / "batches.jsonl").read_text())["clip_id"]) == 8
 
 
