@@ -80,7 +80,15 @@ def _set(d: dict, path: str, value) -> None:
     d[leaf] = value
 
 
-_DELETE = object()
+class _Delete:
+  """The value that removes a key (its repr is stable: test ids must be the same in every
+  pytest-xdist worker)."""
+
+  def __repr__(self) -> str:
+    return "<deleted>"
+
+
+_DELETE = _Delete()
 
 # (overrides on configs/demo.py as a plain dict, a field the message must name, a phrase).
 # Built from a dict, as a saved config or a config written in code would be, so that
