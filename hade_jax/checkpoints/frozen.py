@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -68,12 +69,14 @@ def save_once(workdir: pathlib.Path, state: Any, frozen_names: frozenset[str]) -
   return {"names": sorted(frozen_names), "digest": digest}
 
 
-def fill(state: Any, step_dir: pathlib.Path, frozen_meta: dict, target: Any) -> Any:
+def fill(state: Any, step_dir: pathlib.Path, frozen_meta: dict, target: Any,
+         restore: Callable[..., Any]) -> Any:
   """`state` read from a step, with the frozen leaves read from the workdir's store (verified
   against its checksums and the step's digest).
 
   Args:
     target: the ShapeDtypeStructs the caller restores onto (None: numpy arrays).
+    restore: the store's array reader, `restore(path, target, partial=...)`.
   """
   where = store_dir(step_dir)
   if not (where / "meta.json").is_file():
@@ -88,7 +91,7 @@ def fill(state: Any, step_dir: pathlib.Path, frozen_meta: dict, target: Any) -> 
   abstract = None
   if target is not None:
     abstract = _nested({n: x for n, x in _named_leaves(target) if n in wanted})
-  values = _restore(where / "state", abstract)
+  values = restore(where / "state", abstract, partial=True)
   integrity.verify(where, meta, state=values, partial=True)
   flat = dict(_named_leaves(values))
   return jax.tree_util.tree_map_with_path(
@@ -147,17 +150,6 @@ def _write(target: pathlib.Path, values: dict, checksums: dict) -> None:
                                                "state": checksums}))
     tmp.rename(target)
   _barrier("hade_jax.frozen.written")
-
-
-def _restore(path: pathlib.Path, abstract: dict | None) -> dict:
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    if abstract is None:
-      tree = checkpointer.metadata(path).item_metadata.tree
-      as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-      return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
-    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-        partial_restore=True))
 
 
 def _barrier(name: str) -> None:

@@ -249,7 +249,7 @@ def _read_verified(step_dir: pathlib.Path, target: Any, *, partial: bool) -> tup
   if meta is not None:
     _agreed(lambda: integrity.verify(step_dir, meta, state=state, partial=partial))
   if frozen_meta:
-    state = _agreed(lambda: frozen.fill(state, step_dir, frozen_meta, target))
+    state = _agreed(lambda: frozen.fill(state, step_dir, frozen_meta, target, _restore_arrays))
   return state, meta
 
 
