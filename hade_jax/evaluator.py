@@ -53,8 +53,9 @@ def split_metrics(scores_AxT: np.ndarray, global_AxT: np.ndarray, caption_clip_T
   `clip_group_A` (a labels split's `EvalSplit.clip_group`) makes T2A class-level."""
   out = metrics.retrieval_metrics(scores_AxT, caption_clip_T, true_recall=true_recall,
                                   intervals=intervals, clip_group_A=clip_group_A)
-  global_T = metrics.per_query_from_ranks(metrics.query_ranks(
-      global_AxT, caption_clip_T, clip_group_A=clip_group_A))["t2a"]
+  # T2A only: the global cosine is the shortlist score of text queries.
+  global_T = metrics.per_query_from_ranks({"t2a": metrics.t2a_query_ranks(
+      global_AxT, caption_clip_T, clip_group_A=clip_group_A)})["t2a"]
   out |= {f"global/t2a/{name}": float(np.mean(v)) for name, v in global_T.items()
           if name != "rank"}
   for s in shortlists:

@@ -192,21 +192,31 @@ def query_ranks(scores_AxT: np.ndarray, caption_clip_T: np.ndarray, *,
   scores_AxT = np.asarray(scores_AxT)
   caption_clip_T = np.asarray(caption_clip_T)
   ranks_AxG, valid_AxG = a2t_gt_ranks(scores_AxT, caption_clip_T)
-  a2t = [r[v].tolist() for r, v in zip(ranks_AxG, valid_AxG, strict=True)]
+  return {"t2a": t2a_query_ranks(scores_AxT, caption_clip_T, clip_group_A=clip_group_A),
+          "a2t": [r[v].tolist() for r, v in zip(ranks_AxG, valid_AxG, strict=True)]}
+
+
+def t2a_query_ranks(scores_AxT: np.ndarray, caption_clip_T: np.ndarray, *,
+                    clip_group_A: np.ndarray | None = None) -> list:
+  """`query_ranks`' 't2a' alone: each caption's clip rank, or with `clip_group_A` the ascending
+  ranks of every clip of its class."""
+  scores_AxT = np.asarray(scores_AxT)
+  caption_clip_T = np.asarray(caption_clip_T)
   if clip_group_A is None:
-    return {"t2a": t2a_ranks(scores_AxT, caption_clip_T).tolist(), "a2t": a2t}
+    return t2a_ranks(scores_AxT, caption_clip_T).tolist()
+  check_finite_scores(scores_AxT)
   relevant_AxT = class_relevance(caption_clip_T, clip_group_A)
   ranks_TxG, valid_TxG = gt_ranks(scores_AxT.T, relevant_AxT.T)
-  return {"t2a": [r[v].tolist() for r, v in zip(ranks_TxG, valid_TxG, strict=True)],
-          "a2t": a2t}
+  return [r[v].tolist() for r, v in zip(ranks_TxG, valid_TxG, strict=True)]
 
 
 def per_query_from_ranks(ranks: dict, *, true_recall: bool = False
                          ) -> dict[str, dict[str, np.ndarray]]:
   """Per-query R@k, mAP@10 (percent) and 'rank' of `query_ranks`' output (or its JSON): every
-  query through `multi_gt_metrics` (one ground truth: R@k = rank <= k, AP@10 = 1 / rank)."""
+  query through `multi_gt_metrics` (one ground truth: R@k = rank <= k, AP@10 = 1 / rank).
+  Ranks with only 't2a' (`t2a_query_ranks`) give only T2A."""
   out = {}
-  for direction in ("t2a", "a2t"):
+  for direction in ("t2a", "a2t") if "a2t" in ranks else ("t2a",):
     ranks_QxG, valid_QxG = _padded_ranks(ranks[direction])
     out[direction] = multi_gt_metrics(ranks_QxG, valid_QxG)
   if true_recall:

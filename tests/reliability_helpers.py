@@ -131,7 +131,7 @@ def _last_logged_step(workdir: pathlib.Path) -> int:
     try:
       steps.append(json.loads(line)["step"])
     except ValueError:
-      pass  # a line torn by a kill
+      continue  # a line torn by a kill
   return max(steps, default=0)
 
 
