@@ -12,6 +12,8 @@ Ablations from the command line, e.g. `--config=configs/clotho.py:ablation=tha`:
   dcr     global + DCR (with CA)       full  global + THA + DCR (default)
   tha_attention, full_attention: tha, full with THA levels as cross-attention
   (`model.heads.level_sim='attention'`, docs/method.md section 2)
+  full_gnce  full + a separately weighted InfoNCE on the global cosine
+             (`loss.global_nce_weight=1`, docs/method.md section 5)
 The paper's score S = S_THA + gamma S_DCR is `--config.model.heads.use_global=False`.
 """
 
@@ -31,6 +33,9 @@ ABLATIONS = {
     "full": dict(use_tha=True, use_dcr=True),
     "tha_attention": dict(use_tha=True, use_dcr=False, level_sim="attention"),
     "full_attention": dict(use_tha=True, use_dcr=True, level_sim="attention"),
+    # full, plus an InfoNCE of its own on the global cosine (a shortlist embedding that ranks
+    # on its own: two-stage search and `global/*` metrics; docs/method.md section 5)
+    "full_gnce": {"use_tha": True, "use_dcr": True, "loss.global_nce_weight": 1.0},
 }
 
 
@@ -62,7 +67,8 @@ def apply_ablation(config: ml_collections.ConfigDict, name: str) -> None:
   if name not in ABLATIONS:
     raise ValueError(f"unknown ablation {name!r}; choose one of {sorted(ABLATIONS)}")
   for key, value in ABLATIONS[name].items():
-    config.model.heads[key] = value
+    section, _, field = key.rpartition(".")  # a bare key is a model.heads field
+    (config[section] if section else config.model.heads)[field] = value
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
