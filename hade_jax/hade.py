@@ -105,9 +105,9 @@ class HadeModel(nnx.Module):
     return self.heads.text_features(tuple(aux["hidden_states"]), aux.get("pooled"),
                                     attention_mask_TxM, rngs=rngs)
 
-  def score(self, audio: hade_heads.AudioFeatures,
-            text: hade_heads.TextFeatures) -> dict[str, jax.Array]:
-    return self.heads.score(audio, text)
+  def score(self, audio: hade_heads.AudioFeatures, text: hade_heads.TextFeatures,
+            blocked: bool = False) -> dict[str, jax.Array]:
+    return self.heads.score(audio, text, blocked=blocked)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -288,8 +288,12 @@ class HadeHeads(nnx.Module):
     top = math.log(self.cfg.max_logit_scale)
     return [jnp.exp(jnp.minimum(level.attention_scale[...], top)) for level in self.tha]
 
-  def score(self, a: AudioFeatures, t: TextFeatures) -> dict[str, jax.Array]:
-    """All-pairs scores: 'total' [A, T] plus each term ('global', 'tha', 'levels', 'dcr')."""
+  def score(self, a: AudioFeatures, t: TextFeatures, blocked: bool = False
+            ) -> dict[str, jax.Array]:
+    """All-pairs scores: 'total' [A, T] plus each term ('global', 'tha', 'levels', 'dcr').
+
+    `blocked`: THA 'tokens' levels in blocks of clips (`level_similarity`), for retrieval.
+    """
     cfg = self.cfg
     out: dict[str, jax.Array] = {}
     num_a, num_t = a.global_AxD.shape[0], t.global_TxD.shape[0]
@@ -301,9 +305,10 @@ class HadeHeads(nnx.Module):
     if cfg.use_tha:
       scales = (self.attention_scales() if cfg.level_sim == "attention"
                 else [None] * len(cfg.levels))
-      per_level = [level_similarity(*args, cfg.level_sim, scale=scale) for scale, *args in zip(
-          scales, a.levels, a.level_masks, a.level_logits, t.levels, t.level_masks,
-          t.level_logits, strict=True)]
+      inputs = zip(scales, a.levels, a.level_masks, a.level_logits, t.levels, t.level_masks,
+                   t.level_logits, strict=True)
+      per_level = [level_similarity(*args, cfg.level_sim, scale=scale, blocked=blocked)
+                   for scale, *args in inputs]
       levels_LxAxT = jnp.stack(per_level)
       tha_AxT = jnp.einsum("l,lat->at", self.level_weights(), levels_LxAxT)
       out["levels"], out["tha"] = levels_LxAxT, tha_AxT
@@ -339,8 +344,18 @@ class HadeHeads(nnx.Module):
     return jnp.exp(jnp.minimum(self.logit_scale[...], math.log(self.cfg.max_logit_scale)))
 
 
+# Retrieval scores 'tokens' levels TOKEN_BLOCK_CLIPS clips at a time (`score(...,
+# blocked=True)`), each block's cosines one matrix product [block N, D] x [D, T M] kept in that
+# layout: they stay in cache while both max-reductions read them, where the plain formula
+# writes an [A, T, M, N] tensor (a transpose of the product) to memory and reads it back twice
+# (benchmarks/eval_search.py measures both). Scores agree within float32 rounding (1e-7); the
+# loss keeps the plain formula, so training's numbers do not change. [choice]
+TOKEN_BLOCK_CLIPS = 16
+
+
 def level_similarity(a_AxNxD, amask_AxN, alogit_AxN, t_TxMxD, tmask_TxM, tlogit_TxM,
-                     kind: str, scale: jax.Array | None = None) -> jax.Array:
+                     kind: str, scale: jax.Array | None = None, blocked: bool = False
+                     ) -> jax.Array:
   """One THA level s_k for all pairs (inputs already L2-normalised).
 
   'tokens' (DRL's weighted token-wise interaction):
@@ -351,9 +366,15 @@ def level_similarity(a_AxNxD, amask_AxN, alogit_AxN, t_TxMxD, tmask_TxM, tlogit_
   the softmax over valid frames (over valid words for the audio side); `scale` = 1 / the
   learnable temperature. Scale -> inf is 'tokens', scale 0 the plain mean.
   'pooled' (HiT): one token per side, s = cos.
+  `blocked`: 'tokens' in blocks of clips (TOKEN_BLOCK_CLIPS), the same scores faster for large
+  A x T.
   """
   if kind == "pooled":
     return jnp.einsum("ad,td->at", a_AxNxD[:, 0], t_TxMxD[:, 0])
+  wt_TxM = jax.nn.softmax(jnp.where(tmask_TxM, tlogit_TxM, -jnp.inf), axis=-1)
+  wa_AxN = jax.nn.softmax(jnp.where(amask_AxN, alogit_AxN, -jnp.inf), axis=-1)
+  if kind == "tokens" and blocked:
+    return _blocked_tokens(a_AxNxD, amask_AxN, wa_AxN, t_TxMxD, tmask_TxM, wt_TxM)
   neg = jnp.asarray(-1e4, a_AxNxD.dtype)
   cos_AxTxMxN = jnp.einsum("and,tmd->atmn", a_AxNxD, t_TxMxD)
   if kind == "attention":
@@ -369,8 +390,32 @@ def level_similarity(a_AxNxD, amask_AxN, alogit_AxN, t_TxMxD, tmask_TxM, tlogit_
   else:
     t2a_AxTxM = jnp.max(jnp.where(amask_AxN[:, None, None, :], cos_AxTxMxN, neg), axis=-1)
     a2t_AxTxN = jnp.max(jnp.where(tmask_TxM[None, :, :, None], cos_AxTxMxN, neg), axis=-2)
-  wt_TxM = jax.nn.softmax(jnp.where(tmask_TxM, tlogit_TxM, -jnp.inf), axis=-1)
-  wa_AxN = jax.nn.softmax(jnp.where(amask_AxN, alogit_AxN, -jnp.inf), axis=-1)
   t_part = jnp.einsum("atm,tm->at", jnp.where(tmask_TxM[None], t2a_AxTxM, 0.0), wt_TxM)
   a_part = jnp.einsum("atn,an->at", jnp.where(amask_AxN[:, None], a2t_AxTxN, 0.0), wa_AxN)
   return 0.5 * (t_part + a_part)
+
+
+def _blocked_tokens(a_AxNxD, amask_AxN, wa_AxN, t_TxMxD, tmask_TxM, wt_TxM) -> jax.Array:
+  """'tokens' level_similarity given the token weights, TOKEN_BLOCK_CLIPS clips at a time."""
+  (num_a, n, d), (num_t, m, _) = a_AxNxD.shape, t_TxMxD.shape
+  t_DxTM = t_TxMxD.reshape(num_t * m, d).T
+  neg = jnp.asarray(-1e4, a_AxNxD.dtype)
+
+  def block(xs):
+    a_BxNxD, amask_BxN, wa_BxN = xs
+    b = a_BxNxD.shape[0]
+    cos_BxNxTxM = jnp.dot(a_BxNxD.reshape(b * n, d), t_DxTM).reshape(b, n, num_t, m)
+    t2a_BxTxM = jnp.max(jnp.where(amask_BxN[:, :, None, None], cos_BxNxTxM, neg), axis=1)
+    a2t_BxNxT = jnp.max(jnp.where(tmask_TxM[None, None], cos_BxNxTxM, neg), axis=3)
+    t_part = jnp.einsum("btm,tm->bt", jnp.where(tmask_TxM[None], t2a_BxTxM, 0.0), wt_TxM)
+    a_part = jnp.einsum("bnt,bn->bt", jnp.where(amask_BxN[..., None], a2t_BxNxT, 0.0), wa_BxN)
+    return 0.5 * (t_part + a_part)
+
+  blocks = -(-num_a // TOKEN_BLOCK_CLIPS)
+
+  def split(x):  # [A, ...] -> [blocks, block, ...]; padding rows (weight 0) are cropped below
+    x = jnp.pad(x, [(0, blocks * TOKEN_BLOCK_CLIPS - num_a)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape(blocks, TOKEN_BLOCK_CLIPS, *x.shape[1:])
+
+  out = jax.lax.map(block, (split(a_AxNxD), split(amask_AxN), split(wa_AxN)))
+  return out.reshape(blocks * TOKEN_BLOCK_CLIPS, num_t)[:num_a]

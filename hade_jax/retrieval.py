@@ -172,7 +172,7 @@ def _text_fn(static: _Structure, out: NamedSharding, state, ids_TxM, mask_TxM):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _score_fn(static: _Structure, out: NamedSharding, state, a, t):
-  scores_AxT = nnx.merge(static.graphdef, state).score(a, t)["total"]
+  scores_AxT = nnx.merge(static.graphdef, state).score(a, t, blocked=True)["total"]
   return jax.lax.with_sharding_constraint(scores_AxT, out)
 
 

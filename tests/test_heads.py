@@ -155,6 +155,29 @@ def test_all_pairs_score_equals_per_pair_reference(variant):
         np.testing.assert_allclose(scores[name][i, j], value, atol=2e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("variant", ["tokens_none", "tokens_softmax_linear", "tha_only",
+                                     "attention_none", "pooled_sigmoid_cls"])
+def test_blocked_score_equals_per_pair_reference(variant, monkeypatch):
+  # Blocks of 2 clips: 5 clips make 3 blocks, the last padded; some frames masked out.
+  monkeypatch.setattr(hade_heads, "TOKEN_BLOCK_CLIPS", 2)
+  cfg = make_cfg(**VARIANTS[variant])
+  model = make_heads(cfg)
+  pooled, frames, hidden, text_pooled, mask = encoder_outputs(seed=2)
+  frame_masks = tuple(jnp.arange(f.shape[1])[None] < jnp.asarray([f.shape[1], 1, 2, 3, 1])[:, None]
+                      for f in frames)
+  a = model.audio_features(jnp.asarray(pooled), tuple(map(jnp.asarray, frames)), frame_masks)
+  t = model.text_features(tuple(map(jnp.asarray, hidden)), jnp.asarray(text_pooled),
+                          jnp.asarray(mask))
+  blocked = jax.jit(lambda a, t: model.score(a, t, blocked=True))(a, t)
+  plain = jax.jit(lambda a, t: model.score(a, t))(a, t)
+  for key in plain:
+    np.testing.assert_allclose(blocked[key], plain[key], atol=1e-6, err_msg=key)
+  for i in range(A):
+    for j in range(T):
+      ref, _ = reference_score(model, cfg, a, t, i, j)
+      np.testing.assert_allclose(blocked["total"][i, j], ref, atol=2e-5, err_msg=f"pair {i},{j}")
+
+
 @pytest.mark.parametrize("norm,expected", [("none", "sum"), ("softmax", "mean")])
 def test_constant_confidence_is_sum_of_factor_cosines(norm, expected):
   cfg = make_cfg(use_tha=False, use_global=False, confidence_norm=norm)
