@@ -196,6 +196,7 @@ def run_one(spec: str, variant: str, seed: int, overrides: Sequence[str],
          "attempts": len(record.get("attempts", [])), "metrics": None, "error": None}
   try:
     out["metrics"], out["ranks"] = test_results.read(directory)
+    out["metrics"] |= _selected_validation(directory)
     out["status"] = "finished"
   except (FileNotFoundError, test_results.IncompleteResultsError) as e:
     out["status"] = "failed"
@@ -203,6 +204,19 @@ def run_one(spec: str, variant: str, seed: int, overrides: Sequence[str],
         directory, record["attempts"][-1]["status"])
     log.error("%s seed %d failed: %s", variant, seed, out["error"])
   return out
+
+
+def _selected_validation(directory: pathlib.Path) -> dict[str, float]:
+  """The validation metrics ('val/...') of the checkpoint the test evaluated: a default is
+  chosen on these (--metrics=val/t2a/R@10,...), never on the test split's."""
+  from hade_jax.checkpoints import paths
+  from hade_jax.report import runlog
+
+  try:
+    step = int(paths.step_dir(directory, "best").name)
+  except (FileNotFoundError, ValueError):
+    return {}
+  return runlog.validation_at(directory, step)
 
 
 def _no_results(directory: pathlib.Path, status: int) -> str:

@@ -3,11 +3,13 @@ end-to-end ablation (2 variants x 2 seeds) that is rerun to show it skips and re
 
 import json
 import math
+import pathlib
 
 import numpy as np
 import pytest
 
-from hade_jax import ablate, ablation_stats, metrics, test_results
+from hade_jax import ablate, ablation_stats, checkpoints, metrics, test_results
+from hade_jax.report import runlog
 
 
 def test_mean_std_is_the_sample_standard_deviation():
@@ -117,7 +119,12 @@ def test_ablation_runs_every_variant_and_seed_and_writes_the_tables(ablation):
       ("full", 1, "finished")]
   for r in results["runs"]:
     saved, ranks = test_results.read(r["workdir"])
-    assert r["metrics"] == saved and r["attempts"] == 1 and r["wall_s"] > 0
+    test_part = {k: v for k, v in r["metrics"].items() if not k.startswith("val/")}
+    assert test_part == saved and r["attempts"] == 1 and r["wall_s"] > 0
+    # The validation metrics of the checkpoint the test evaluated come along (for choosing).
+    best = int(checkpoints.step_dir(r["workdir"], "best").name)
+    val = {k: v for k, v in r["metrics"].items() if k.startswith("val/")}
+    assert val and val == runlog.validation_at(pathlib.Path(r["workdir"]), best)
     # The summary's metrics are the means of the saved per-query ranks.
     assert saved["t2a/R@5"] == pytest.approx(ablation_stats.per_query(ranks, "t2a/R@5").mean())
     saved_config = json.loads((workdir / r["variant"]).joinpath(

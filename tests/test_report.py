@@ -161,6 +161,17 @@ def test_report_reads_torn_metrics_lines(tmp_path):
   assert steps.tolist() == [1, 2] and values.tolist() == [2.0, 1.5]
 
 
+def test_validation_at_a_step_is_that_steps_logged_values(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text(
+      '{"step": 5, "val/t2a/R@1": 10.0, "train/loss": 2.0}\n'
+      '{"step": 10, "val/t2a/R@1": 30.0, "val/zero_shot/top1": 7.5}\n'
+      '{"step": 10, "val/t2a/R@1": 20.0}\n')  # a resumed run's repeat: the later line wins
+  assert runlog.validation_at(tmp_path, 10) == {"val/t2a/R@1": 20.0, "val/zero_shot/top1": 7.5}
+  assert runlog.validation_at(tmp_path, 5) == {"val/t2a/R@1": 10.0}
+  assert runlog.validation_at(tmp_path, 7) == {}
+  assert runlog.validation_at(tmp_path / "missing", 10) == {}
+
+
 def test_report_audio_plays_original_files_under_audio_dir(tiny_data, minilm_dir, tmp_path):
   from hade_jax import hade
   from hade_jax.report import model_sections

@@ -79,6 +79,19 @@ def read_series(workdir: pathlib.Path) -> Series | None:
   return Series(series, skipped)
 
 
+def validation_at(workdir: pathlib.Path, step: int) -> dict[str, float]:
+  """The validation metrics ('val/...') logged at `step` ({} when none were)."""
+  series = read_series(workdir)
+  if series is None:
+    return {}
+  out = {}
+  for name, (steps, values) in series.matching(lambda k: k.startswith("val/")).items():
+    at = np.flatnonzero(steps == step)
+    if len(at):
+      out[name] = float(values[at[-1]])
+  return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Test metrics and their intervals.
 
