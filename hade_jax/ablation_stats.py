@@ -4,16 +4,19 @@ Per metric and variant: the mean and the sample standard deviation (ddof=1) of t
 test metrics over seeds.
 
 Per metric and variant, the difference from the baseline variant with a paired bootstrap 95 %
-interval over the test queries (T2A: captions, A2T: clips):
+interval over the test queries (T2A: captions, A2T: clips), resampled in groups:
   1. per seed s present in both variants, the per-query values of the variant and of the
      baseline (recomputed from the saved ranks, `metrics.per_query_from_ranks`), paired by
      query: d[s, q] = variant[s, q] - baseline[s, q];
   2. pooled over seeds by averaging: d[q] = mean_s d[s, q] (every seed evaluates the same
      test queries; this is checked);
-  3. `num_samples` replicates, each drawing the queries with replacement (numpy's PCG64 with a
-     fixed seed, so the same inputs give the same interval) and taking the mean of d over the
-     draw; a query is drawn for all seeds at once, which keeps the per-query correlation
-     between seeds;
+  3. `num_samples` replicates, each drawing the query groups with replacement (numpy's PCG64
+     with a fixed seed, so the same inputs give the same interval) and taking the mean of d
+     over the queries of the groups drawn; a group is drawn for all seeds at once, which keeps
+     the per-query correlation between seeds. The groups (`test_results.query_groups`) are
+     the units queries depend on: T2A captions by their clip (by its class in a labels split,
+     where a class's captions repeat for each of its clips), A2T clips by class or each alone;
+     counting dependent queries as independent would narrow the interval falsely;
   4. the interval is the 2.5th and 97.5th percentile of the replicates; the estimate is the
      mean of d (= the difference of the variants' mean metrics over the paired seeds).
 The interval measures how much the difference depends on which test queries were drawn, for
@@ -29,7 +32,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from hade_jax import metrics
+from hade_jax import metrics, test_results
 
 DEFAULT_METRICS = tuple(f"{d}/{m}" for d in ("t2a", "a2t")
                         for m in [f"R@{k}" for k in metrics.KS] + ["mAP@10"])
@@ -61,7 +64,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def bootstrap_difference(variant_SxQ: np.ndarray, baseline_SxQ: np.ndarray, *,
                          paired: bool = True, num_samples: int = NUM_SAMPLES, seed: int = 0,
-                         level: float = LEVEL) -> Interval:
+                         level: float = LEVEL, groups_Q: np.ndarray | None = None) -> Interval:
   """mean(variant) - mean(baseline) with a percentile bootstrap interval over the queries.
 
   Args:
@@ -71,6 +74,10 @@ def bootstrap_difference(variant_SxQ: np.ndarray, baseline_SxQ: np.ndarray, *,
       the variant's and the baseline's queries independently (ignores the pairing: wider when
       the two are correlated, as per-query retrieval results are).
     num_samples, seed, level: replicates, numpy seed, interval coverage.
+    groups_Q: the group of each query (`test_results.query_groups`): whole groups are
+      resampled (a cluster bootstrap: a replicate's difference is the mean over the queries of
+      the groups drawn), so queries that depend on each other are not counted as independent
+      evidence. None: every query its own group.
   """
   v_SxQ = np.atleast_2d(np.asarray(variant_SxQ, np.float64))
   b_SxQ = np.atleast_2d(np.asarray(baseline_SxQ, np.float64))
@@ -78,16 +85,26 @@ def bootstrap_difference(variant_SxQ: np.ndarray, baseline_SxQ: np.ndarray, *,
     raise ValueError(f"per-query values of shapes {v_SxQ.shape} and {b_SxQ.shape}: expected "
                      "the same seeds and queries, at least one")
   v_Q, b_Q = v_SxQ.mean(0), b_SxQ.mean(0)
+  groups_Q = np.arange(len(v_Q)) if groups_Q is None else np.asarray(groups_Q)
+  if groups_Q.shape != v_Q.shape:
+    raise ValueError(f"{groups_Q.shape} query groups for {v_Q.shape} queries")
+  _, group_Q = np.unique(groups_Q, return_inverse=True)
+  count_G = np.bincount(group_Q).astype(np.float64)
+  v_G, b_G = np.bincount(group_Q, v_Q), np.bincount(group_Q, b_Q)  # per-group sums
   rng = np.random.default_rng(seed)
-  q = len(v_Q)
+  g = len(count_G)
+
+  def mean(sum_G, idx_BxG):
+    return sum_G[idx_BxG].sum(1) / count_G[idx_BxG].sum(1)
+
   reps = []
   for start in range(0, num_samples, _CHUNK):
     n = min(_CHUNK, num_samples - start)
-    idx_BxQ = rng.integers(0, q, (n, q))
+    idx_BxG = rng.integers(0, g, (n, g))
     if paired:
-      reps.append((v_Q - b_Q)[idx_BxQ].mean(1))
+      reps.append(mean(v_G - b_G, idx_BxG))
     else:
-      reps.append(v_Q[idx_BxQ].mean(1) - b_Q[rng.integers(0, q, (n, q))].mean(1))
+      reps.append(mean(v_G, idx_BxG) - mean(b_G, rng.integers(0, g, (n, g))))
   reps_B = np.concatenate(reps)
   tail = 100 * (1 - level) / 2
   low, high = np.percentile(reps_B, [tail, 100 - tail])
@@ -157,8 +174,9 @@ def _difference(variant: str, baseline: str, metric: str, runs, ranks, num_sampl
   rows = [[per_query(ranks[(v, s)], metric) for s in seeds] for v in (variant, baseline)]
   if any(x is None for row in rows for x in row):
     return None
+  groups = test_results.query_groups(ranks[(baseline, seeds[0])], metric.partition("/")[0])
   interval = bootstrap_difference(np.stack(rows[0]), np.stack(rows[1]),
-                                  num_samples=num_samples, seed=seed)
+                                  num_samples=num_samples, seed=seed, groups_Q=groups)
   return dataclasses.asdict(interval) | {"seeds": seeds}
 
 
@@ -193,13 +211,15 @@ def render_markdown(summary: Mapping, *, title: str = "Ablation") -> str:
   stats, diffs, base = summary["stats"], summary["differences"], summary["baseline"]
   rows = [[f"`{v}`", str(stats[v]["wall_s"]["n"]), *[_cell(stats[v][m]) for m in names],
            f"{stats[v]['wall_s']['mean'] / 60:.1f}"] for v in summary["variants"]]
-  out = [f"## {title}\n", "Test metrics (percent), mean ± standard deviation over seeds "
-         "(ddof=1):\n", _table(["variant", "seeds", *names, "wall (min)"], rows)]
+  out = [f"## {title}\n", "Test metrics (`val/...`: validation, of the checkpoint the test "
+         "evaluated) in percent, mean ± standard deviation over seeds (ddof=1):\n",
+         _table(["variant", "seeds", *names, "wall (min)"], rows)]
   others = [v for v in summary["variants"] if v != base]
   if others:
     pct = round(100 * summary["level"])
     out += [f"\nDifference from `{base}` (points), with a paired bootstrap {pct} % interval "
-            f"over the test queries ({summary['num_samples']} replicates, seed "
+            f"over the test queries, resampled by dependent groups ({summary['num_samples']} "
+            "replicates of a cluster bootstrap, seed "
             f"{summary['seed']}; bold: the interval excludes 0):\n",
             _table(["variant", *names], [[f"`{v}`", *[_diff_cell(diffs[v][m]) for m in names]]
                                          for v in others])]

@@ -391,7 +391,7 @@ class _Evals:
       # Per-query ranks beside the metrics: multi-seed comparisons resample the test queries.
       test_results.write(run.workdir, split=config.final_eval_split, clips=split.clip_names,
                          caption_clip=split.caption_clip, values=m,
-                         ranks=scored.query_ranks())
+                         ranks=scored.query_ranks(), clip_group=split.clip_group)
       log.info("test split %r (%d clips, %d captions), best checkpoint:\n%s",
                config.final_eval_split, len(split.clip_ids), len(split.caption_clip),
                metrics.format_table(m))

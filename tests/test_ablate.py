@@ -45,6 +45,33 @@ def test_bootstrap_interval_contains_the_true_difference_and_pairing_narrows_it(
   assert (same.estimate, same.low, same.high) == (2.0, 2.0, 2.0)
 
 
+def test_cluster_bootstrap_counts_a_group_of_identical_queries_once():
+  # 30 distinct queries, each repeated 5 times (as ESC-50's template captions repeat for every
+  # clip of a class): resampling the groups gives exactly the interval of the 30 distinct
+  # queries, and a per-query bootstrap that treats the 150 as independent is narrower.
+  rng = np.random.default_rng(2)
+  v_Q, b_Q = 100.0 * (rng.uniform(size=(2, 30)) < [[0.6], [0.4]])
+  groups_Q = np.repeat(np.arange(30), 5)
+  distinct = ablation_stats.bootstrap_difference([v_Q], [b_Q], seed=4)
+  clustered = ablation_stats.bootstrap_difference([v_Q[groups_Q]], [b_Q[groups_Q]], seed=4,
+                                                  groups_Q=groups_Q)
+  assert (clustered.estimate, clustered.low, clustered.high) == pytest.approx(
+      (distinct.estimate, distinct.low, distinct.high))
+  naive = ablation_stats.bootstrap_difference([v_Q[groups_Q]], [b_Q[groups_Q]], seed=4)
+  assert naive.high - naive.low < 0.6 * (clustered.high - clustered.low)
+  with pytest.raises(ValueError, match="query groups"):
+    ablation_stats.bootstrap_difference([v_Q], [b_Q], groups_Q=groups_Q)
+
+
+def test_query_groups_are_clips_or_classes():
+  ranks = {"clips": ["a", "b", "c"], "caption_clip": [0, 0, 1, 2, 2]}
+  assert test_results.query_groups(ranks, "t2a").tolist() == [0, 0, 1, 2, 2]
+  assert test_results.query_groups(ranks, "a2t").tolist() == [0, 1, 2]
+  labelled = ranks | {"clip_group": [7, 3, 7]}  # clips a and c share class 7
+  assert test_results.query_groups(labelled, "t2a").tolist() == [7, 7, 3, 7, 7]
+  assert test_results.query_groups(labelled, "a2t").tolist() == [7, 3, 7]
+
+
 def test_bootstrap_is_deterministic_given_its_seed():
   rng = np.random.default_rng(0)
   a_SxQ, b_SxQ = rng.normal(size=(2, 3, 50))
