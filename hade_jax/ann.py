@@ -44,7 +44,8 @@ class AnnConfig:
   Attributes:
     kind: 'ivfpq' or 'hnsw'.
     nlist: ivfpq cells (0: 4 sqrt(N), at least 1 and at most N / 39, FAISS's clips per centre).
-    pq_bytes: ivfpq bytes per clip code (a divisor of the width D: D / pq_bytes dims per byte).
+    pq_bytes: ivfpq bytes per clip code (a divisor of the width D: D / pq_bytes dims per byte;
+      corpora under 256 clips get fewer bits per sub-vector).
     nprobe: ivfpq cells scanned per query (query time: more = slower, higher recall).
     hnsw_m: hnsw links per clip.
     ef_search: hnsw candidates kept while searching (query time), at least the shortlist.
@@ -100,7 +101,9 @@ def factory_string(cfg: AnnConfig, n: int, d: int) -> str:
     raise ValueError(f"ann pq_bytes={cfg.pq_bytes} does not divide the embedding width {d}")
   cells = cfg.cells(n)
   quantizer = "_HNSW32" if cells >= HNSW_QUANTIZER_FROM else ""
-  return f"IVF{cells}{quantizer},PQ{cfg.pq_bytes}"
+  # 8-bit codes (256 centres per sub-vector) need 256 training clips; fewer get fewer bits.
+  bits = min(8, max(1, int(math.log2(max(2, min(n, cfg.train_size))))))
+  return f"IVF{cells}{quantizer},PQ{cfg.pq_bytes}x{bits}"
 
 
 class Shortlister:
@@ -138,6 +141,12 @@ class Shortlister:
     d = sample_NxD.shape[1]
     index = faiss.index_factory(d, factory_string(cfg, n, d), faiss.METRIC_INNER_PRODUCT)
     sample = normalized(sample_NxD[:cfg.train_size])
+    if cfg.kind == "ivfpq":
+      ivf = faiss.downcast_index(index)
+      # Polysemous codes only serve Hamming pre-filtering, which search does not use, and
+      # train for minutes; 10 k-means rounds for the codebooks (FAISS: 25) bound training time.
+      ivf.do_polysemous_training = False
+      ivf.pq.cp.niter = 10
     if not index.is_trained:
       index.train(sample)
     for chunk in chunks:
@@ -170,8 +179,8 @@ class Shortlister:
 
   def code_bytes_per_clip(self) -> float:
     """Bytes per clip of the index in memory: codes, ids and graph links (not the centres)."""
-    if self.cfg.kind == "ivfpq":
-      return float(self.cfg.pq_bytes + 8)  # the code and the clip's int64 id in its list
+    if self.cfg.kind == "ivfpq":  # the code and the clip's int64 id in its list
+      return float(_faiss().extract_index_ivf(self.index).code_size + 8)
     d = self.index.d
     return 4.0 * d + 4.0 * 2 * self.cfg.hnsw_m  # the float32 vector and its level-0 links
 

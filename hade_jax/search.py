@@ -780,7 +780,8 @@ def query(hade: api.Hade, index: Index, queries: Sequence[str], *, k: int = 10,
 def format_hits(queries: Sequence[str], hits: list[list[api.Hit]], info: dict) -> str:
   mode = (f"two-stage: {info['shortlist']} of {info['corpus']} clips ({info['stage1']} "
           "shortlist) re-ranked"
-          if info["shortlist"] < info["corpus"] else f"exhaustive over {info['corpus']} clips")
+          if info["shortlist"] < info["corpus"] or info["stage1"] != "exact"
+          else f"exhaustive over {info['corpus']} clips")
   when = ("median of repeated runs" if info["warm"]
           else "first call: includes compilation; --repeat=N times warm runs")
   lines = [f"{mode}; text {info['embed_ms']:.1f} ms, search {info['search_ms']:.1f} ms ({when})"]
