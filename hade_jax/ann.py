@@ -30,10 +30,11 @@ from collections.abc import Iterable
 import numpy as np
 
 KINDS = ("ivfpq", "hnsw")
-# Below this many clips the exact shortlist is at least as fast on the benchmark machine (2
-# cores: benchmarks/results/ann_search.json, "crossover") and loses nothing, so it stays the
-# default; from here on `recommended` names 'ivfpq'.
-EXACT_BELOW = 1_000_000
+# Where the exact shortlist stops winning (BENCHMARKS.md, "Search past 10^7 clips"): it loses
+# nothing, and below ~10^5 clips it costs less than the full re-ranking of its S=100 clips
+# (quiet 2 cores: ~16 ms at 10^5, 37 ms at 10^6, against 14 ms of re-ranking), while IVF-PQ
+# answers in ~1 ms keeping 98-99.8 % of the exact top 10 at 10^5-10^6. So exact below 10^5.
+EXACT_BELOW = 100_000
 HNSW_QUANTIZER_FROM = 8192  # cells from which an HNSW graph finds a clip's cell (see above)
 
 
@@ -170,6 +171,8 @@ class Shortlister:
     try:
       while len(missing):
         grow *= 4
+        if grow > 4**10:  # every cell probed long before: the index is not the corpus's
+          raise RuntimeError(f"the FAISS index of {len(self)} clips returned fewer than {size}")
         self.set_query_params(saved.nprobe * grow, max(saved.ef_search, size) * grow)
         sims[missing], rows[missing] = self.index.search(t[missing], size)
         missing = missing[(rows[missing] < 0).any(axis=1)]
