@@ -55,6 +55,8 @@ setuptools.setup(
         "serve": ["fastapi>=0.115", "starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18"],
         # `python -m hade_jax.report` / `hade-report`: the figures and the page template.
         "report": ["matplotlib>=3.8", "jinja2>=3.1"],
+        # `python -m hade_jax.search ann`: the approximate shortlist for large corpora (ann.py).
+        "ann": ["faiss-cpu>=1.8"],
         "test": [
             # Exactly this torch: any other version resolves to a CUDA build (gigabytes).
             "torch==2.13.0",
@@ -72,6 +74,7 @@ setuptools.setup(
             "httpx>=0.27",
             "selenium>=4.20",
             "matplotlib>=3.8", "jinja2>=3.1",  # tests/test_report.py (the report extra)
+            "faiss-cpu>=1.8",  # tests/test_ann.py (the ann extra)
         ],
     },
 )

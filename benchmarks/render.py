@@ -364,12 +364,28 @@ def peak_table(res: dict) -> str:
   return "".join(lines)
 
 
-def targets_table(d: dict, targets: list[dict]) -> str:
-  """Each target of benchmarks/targets.json: measured, met or missed, and by how much."""
-  formats = {"x": lambda x: f"{x:.2f}x", "%": lambda x: f"{100 * x:.1f} %"}
-  lines = ["| target | measured | target | status | margin |\n|---|---|---|---|---|\n"]
+def targets_table(d: dict, targets: list[dict], machine: str = "",
+                  sources: dict[str, tuple[dict, str]] | None = None) -> str:
+  """Each target of benchmarks/targets.json: measured, met or missed, and by how much.
+
+  A target with a "source" (a results file) reads its value from `sources[source]`, a
+  ({measure: value}, machine) pair; the others from the comparison (`d`, on `machine`).
+  Targets whose source has no results are left out.
+  """
+  formats = {"x": lambda x: f"{x:.2f}x", "%": lambda x: f"{100 * x:.1f} %",
+             "ms": lambda x: f"{x:,.1f} ms"}
+  sources = sources or {}
+  lines = ["| target | measured | target | status | margin | machine |\n"
+           "|---|---|---|---|---|---|\n"]
   for t in targets:
-    value, target, fmt = d["target"][t["measure"]], t["target"], formats[t["unit"]]
+    if t.get("source") and t["source"] not in sources:
+      continue
+    values, where = sources[t["source"]] if t.get("source") else (d["target"], machine)
+    target, fmt = t["target"], formats[t["unit"]]
+    if t["measure"] not in values:  # its benchmark ran, but not at the size the target needs
+      lines.append(f"| {t['name']} | not measured | {fmt(target)} | - | - | {where} |\n")
+      continue
+    value = values[t["measure"]]
     higher = t["higher_is_better"]
     met = value >= target if higher else value <= target
     if higher:
@@ -378,7 +394,7 @@ def targets_table(d: dict, targets: list[dict]) -> str:
     else:
       margin = f"{fmt(target - value)} to spare" if met else f"missed by {fmt(value - target)}"
     lines.append(f"| {t['name']} | {fmt(value)} | {fmt(target)} | "
-                 f"{'met' if met else 'missed'} | {margin} |\n")
+                 f"{'met' if met else 'missed'} | {margin} | {where} |\n")
   return "".join(lines)
 
 
@@ -395,11 +411,14 @@ def profile_table(res: dict, d: dict) -> str:
   return "".join(lines)
 
 
-def compare_tables(res: dict, targets: list[dict]) -> dict[str, str]:
+def compare_tables(res: dict, targets: list[dict],
+                   sources: dict[str, tuple[dict, str]] | None = None) -> dict[str, str]:
   d = derived(res)
+  m = res["machine"]
+  machine = f"{m['cpu']}, {m['cores']} cores"
   out = {"run": run_table(res), "training": training_table(res, d),
          "measurements": measurements_table(res, d), "embedding": embed_table(res),
-         "peak": peak_table(res), "targets": targets_table(d, targets),
+         "peak": peak_table(res), "targets": targets_table(d, targets, machine, sources),
          "profile": profile_table(res, d)}
   if d["rounds"]:
     out["rounds"] = rounds_table(d)
@@ -496,9 +515,18 @@ def tables(results: dict[str, dict], targets: list[dict] | None = None) -> dict[
   """Every table the results allow, named `<results file>/<table>`."""
   targets = json.loads(TARGETS.read_text()) if targets is None else targets
   out = {}
+  sources = {}  # targets measured by other benchmarks: ({measure: value}, machine)
+  if "ann_search" in results:
+    from benchmarks import ann_search  # the benchmark owns its tables
+
+    res = results["ann_search"]
+    sources["ann_search"] = (ann_search.target_values(res), res["meta"]["machine"]
+                             + " (shared with a training run: an upper bound)")
+    out |= ann_search.tables(res)
   for name in ("compare_cpu", "compare_gpu"):
     if name in results:
-      out |= {f"{name}/{k}": v for k, v in compare_tables(results[name], targets).items()}
+      out |= {f"{name}/{k}": v
+              for k, v in compare_tables(results[name], targets, sources).items()}
   if "input_pipeline" in results:
     out["input_pipeline/runs"] = pipeline_table(results["input_pipeline"])
     if results["input_pipeline"].get("preparation"):

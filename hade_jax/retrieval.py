@@ -426,16 +426,30 @@ def _global_top_k(g_NxD: jax.Array, valid_N: jax.Array, t_QxD: jax.Array, k: int
   return jax.lax.top_k(sims_QxN, k)  # equal values: the lower index first
 
 
+class Shortlister(Protocol):
+  """An approximate stage 1 (`ann.Shortlister`): the S best rows of a corpus by global cosine."""
+
+  def __len__(self) -> int: ...
+
+  def search(self, t_QxD: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
 class Searcher:
   """Two-stage and exhaustive text-to-audio search of one corpus with one model.
 
-  The corpus's normalised global embeddings go to the devices once (rows split over the mesh);
-  the per-level tokens and factors stay wherever the index keeps them (memory or disk) and
-  only shortlisted rows are read.
+  The corpus's normalised global embeddings go to the devices once (rows split over the mesh),
+  unless a `shortlister` (an approximate index of them, `ann.Shortlister`) makes stage 1; the
+  per-level tokens and factors stay wherever the index keeps them (memory or disk) and only
+  shortlisted rows are read.
   """
 
-  def __init__(self, encoder: Encoder, index: ClipIndex):
-    self.encoder, self.index = encoder, index
+  def __init__(self, encoder: Encoder, index: ClipIndex, shortlister: Shortlister | None = None):
+    self.encoder, self.index, self.shortlister = encoder, index, shortlister
+    if shortlister is not None:  # approximate stage 1: the global embeddings stay off device
+      if len(shortlister) != len(index):
+        raise ValueError(f"the shortlister holds {len(shortlister)} clips, the index "
+                         f"{len(index)}; rebuild it for this index")
+      return
     g_NxD = hade_heads.normalize(jnp.asarray(index.global_NxD, jnp.float32))
     n = len(index)
     size = _round_up(max(n, 1), encoder.num_devices)
@@ -443,8 +457,11 @@ class Searcher:
     self._valid_N = _put(np.arange(size) < n, encoder.rows)
 
   def shortlist(self, text: hade_heads.TextFeatures, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stage 1: ([Q, S] rows, [Q, S] global cosines) of the S best clips by global cosine."""
+    """Stage 1: ([Q, S] rows, [Q, S] global cosines) of the S best clips by global cosine
+    (exact, or approximate through the shortlister)."""
     size = min(size, len(self.index))
+    if self.shortlister is not None:
+      return self.shortlister.search(np.asarray(text.global_TxD, np.float32), size)
     t_QxD = _put(np.asarray(text.global_TxD, np.float32), self.encoder.replicated)
     sims, rows = _global_top_k(self._g_NxD, self._valid_N, t_QxD, size)
     return np.asarray(rows), np.asarray(sims)

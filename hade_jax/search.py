@@ -3,6 +3,7 @@
   python -m hade_jax.search index --workdir=/tmp/hade_demo --audio_dir=~/sounds --out=~/idx
   python -m hade_jax.search query --index=~/idx "a dog barks while cars pass" [--k=10]
   python -m hade_jax.search verify --index=~/idx
+  python -m hade_jax.search ann --index=~/idx [--kind=ivfpq --pq_bytes=32 --nprobe=32]
 
 `index` embeds every audio file under `--audio_dir` (recursively; any format soundfile reads)
 with a progress bar. The features each clip needs for the full HADE score (global embedding,
@@ -32,9 +33,17 @@ added, changed and removed. Every shard file's size and sha256 are in the manife
 an index checks sizes, the small files in full and the large arrays by a sampled hash, and
 `verify` hashes everything; a damaged file is named in the error.
 
+Large corpora: `ann` builds an approximate global-cosine shortlist (FAISS, hade_jax/ann.py:
+IVF-PQ by default, or HNSW) over the index's global embeddings, saved as `ann.faiss` with its
+size and sha256 in the manifest; `query` then uses it for stage 1 (`--nprobe` overrides the
+cells scanned; `--exact` forces the exact shortlist). Re-run `ann` after the index changes: a
+shortlist built for other shards is ignored with a warning. `ann.recommended(N)` says from which
+size it pays (BENCHMARKS.md, "Search past 10^7 clips").
+
 Index layout:
   index.json                       manifest (format, model, audio settings, shards with each
                                    file's size and sha256, skipped)
+ ann.faiss                        the approximate shortlist (optional, `ann`)
   shards/000000/names.json         the shard's files, relative to the audio folder
   shards/000000/sources.json       each file's [size, mtime_ns] when it was embedded
   shards/000000/<feature>.npy      one array per feature, first axis = the shard's clips
@@ -46,6 +55,7 @@ Legend: N: corpus clips, Q: queries, K: results, D: joint width.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import logging
@@ -63,7 +73,7 @@ import tqdm
 from absl import flags
 
 from data_pipelines import audio_io
-from hade_jax import api, cli, distributed, locking, metrics, paths, retrieval
+from hade_jax import ann, api, cli, distributed, locking, metrics, paths, retrieval
 from hade_jax import heads as hade_heads
 
 log = logging.getLogger("hade_jax.search")
@@ -82,6 +92,7 @@ SOURCES = "sources.json"
 # and in full by `verify_index` (hashing runs at about 1 GB/s; see RELIABILITY.md).
 _FULLY_HASHED_ON_OPEN = ("global.npy", "names.json", SOURCES)
 _QUICK_BLOCK = 1 << 16
+ANN_FILE = "ann.faiss"  # the approximate shortlist, next to the manifest
 _QUICK_BLOCKS = 16
 
 
@@ -435,6 +446,9 @@ def verify_index(path: str | os.PathLike) -> list[str]:
       problem = check_shard_file(folder / name, record, full=True)
       if problem and not any(problem in p for p in problems):  # once, not again in full
         problems.append(problem)
+  if "ann" in manifest:
+    problem = check_shard_file(path / ANN_FILE, manifest["ann"]["digests"], full=True)
+    problems += [problem] if problem else []
   return problems
 
 
@@ -633,6 +647,71 @@ def _sync_processes(name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The approximate shortlist.
+
+
+def _global_shards(index: Index):
+  """Each shard's global embeddings [count, D] in row order, one shard read at a time."""
+  for shard in index._shards:  # noqa: SLF001 (the index's own module)
+    yield np.asarray(shard["global"], np.float32)
+
+
+def build_ann(index: Index, cfg: ann.AnnConfig, seed: int = 0) -> ann.Shortlister:
+  """Builds the approximate shortlist of `index` and records it in the manifest.
+
+  Trained on a uniform sample of at most `cfg.train_size` clips, then every shard added in
+  order; the file is written under a temporary name and renamed, then the manifest records its
+  configuration, the shards it covers and its size and sha256.
+  """
+  n = len(index)
+  if not n:
+    raise ValueError(f"the index {index.path} holds no clips; run index first")
+  rng = np.random.default_rng(seed)
+  keep = min(1.0, cfg.train_size / n)
+  sample = np.concatenate([g[rng.random(len(g)) < keep] for g in _global_shards(index)])
+  if not len(sample):  # a tiny keep fraction drew nothing: take the first clips
+    sample = next(_global_shards(index))
+  with locking.exclusive(index.path, "search index"):
+    shortlister = ann.Shortlister.build(sample, _global_shards(index), n, cfg)
+    tmp = index.path / f".{ANN_FILE}.tmp"
+    shortlister.save(tmp)
+    digests = _digests(tmp)
+    os.replace(tmp, index.path / ANN_FILE)
+    index.manifest = dict(index.manifest, ann={
+        "config": dataclasses.asdict(cfg), "num_clips": n, "digests": digests,
+        "shards": [s["dir"] for s in index.manifest["shards"]]})
+    _atomic_write_json(index.path / MANIFEST, index.manifest)
+  return shortlister
+
+
+def open_ann(index: Index, nprobe: int = 0) -> ann.Shortlister | None:
+  """The index's approximate shortlist (`nprobe` cells scanned; 0: as built), or None when it
+  has none or one built for other shards (a warning says to rebuild it)."""
+  record = index.manifest.get("ann")
+  if record is None:
+    if ann.recommended(len(index)):
+      log.info("%d clips: an approximate shortlist would be faster (python -m hade_jax.search "
+               "ann --index=%s)", len(index), index.path)
+    return None
+  if record["shards"] != [s["dir"] for s in index.manifest["shards"]]:
+    log.warning("the approximate shortlist of %s was built for %d clips before the index "
+                "changed; using the exact shortlist. Rebuild it: python -m hade_jax.search ann "
+                "--index=%s", index.path, record["num_clips"], index.path)
+    return None
+  path = index.path / ANN_FILE
+  problem = check_shard_file(path, record["digests"], full=False)
+  if problem:
+    raise DamagedIndexError(f"{problem}; rebuild it with python -m hade_jax.search ann "
+                            f"--index={index.path}")
+  try:
+    shortlister = ann.load(path, ann.AnnConfig(**record["config"]))
+  except ValueError as e:
+    raise DamagedIndexError(str(e)) from e
+  shortlister.set_query_params(nprobe=nprobe)
+  return shortlister
+
+
+# ---------------------------------------------------------------------------------------------
 # Queries.
 
 
@@ -656,9 +735,12 @@ def top_k_agreement(a: retrieval.SearchResult, b: retrieval.SearchResult) -> flo
 
 
 def query(hade: api.Hade, index: Index, queries: Sequence[str], *, k: int = 10,
-          shortlist: int = 1000, compare: bool = False, repeat: int = 0
-          ) -> tuple[list[list[api.Hit]], dict]:
+          shortlist: int = 1000, compare: bool = False, repeat: int = 0, exact: bool = False,
+          nprobe: int = 0) -> tuple[list[list[api.Hit]], dict]:
   """Runs the queries; returns (hits per query, timings and comparison).
+
+  Stage 1 uses the index's approximate shortlist when it has one (`build_ann`; `nprobe` cells
+  scanned, 0: as built), unless `exact`.
 
   With `repeat`, text embedding and search run that many more times and the timings are the
   median of those runs (without the first call's compilation).
@@ -674,7 +756,9 @@ def query(hade: api.Hade, index: Index, queries: Sequence[str], *, k: int = 10,
     return text, result, t1 - t0, time.perf_counter() - t1
 
   t0 = time.perf_counter()
-  searcher = hade.searcher(index)
+  shortlister = open_ann(index, nprobe) if shortlist and not exact else None
+  searcher = (retrieval.Searcher(hade.encoder, index, shortlister) if shortlister
+              else hade.searcher(index))
   load_s = time.perf_counter() - t0
   text, result, embed_s, search_s = run()
   if repeat:
@@ -682,7 +766,8 @@ def query(hade: api.Hade, index: Index, queries: Sequence[str], *, k: int = 10,
     embed_s, search_s = np.median(times, axis=0)
   t3 = time.perf_counter()
   info = {"embed_ms": 1e3 * embed_s, "load_ms": 1e3 * load_s, "search_ms": 1e3 * search_s,
-          "warm": bool(repeat), "shortlist": result.shortlist, "corpus": len(index)}
+          "warm": bool(repeat), "shortlist": result.shortlist, "corpus": len(index),
+          "stage1": shortlister.cfg.kind if shortlister else "exact"}
   if compare and shortlist:
     reference = searcher.exhaustive(text, k, tile=hade.tile)
     info["exhaustive_ms"] = 1e3 * (time.perf_counter() - t3)
@@ -693,8 +778,10 @@ def query(hade: api.Hade, index: Index, queries: Sequence[str], *, k: int = 10,
 
 
 def format_hits(queries: Sequence[str], hits: list[list[api.Hit]], info: dict) -> str:
-  mode = (f"two-stage: {info['shortlist']} of {info['corpus']} clips re-ranked"
-          if info["shortlist"] < info["corpus"] else f"exhaustive over {info['corpus']} clips")
+  mode = (f"two-stage: {info['shortlist']} of {info['corpus']} clips ({info['stage1']} "
+          "shortlist) re-ranked"
+          if info["shortlist"] < info["corpus"] or info["stage1"] != "exact"
+          else f"exhaustive over {info['corpus']} clips")
   when = ("median of repeated runs" if info["warm"]
           else "first call: includes compilation; --repeat=N times warm runs")
   lines = [f"{mode}; text {info['embed_ms']:.1f} ms, search {info['search_ms']:.1f} ms ({when})"]
@@ -714,8 +801,9 @@ def format_hits(queries: Sequence[str], hits: list[list[api.Hit]], info: dict) -
 SUBCOMMAND_FLAGS = {  # besides --verbose and the multi-process flags, which both take
     "index": {"checkpoint", "workdir", "which", "config", "set", "audio_dir", "out",
               "batch_size", "shard_size", "no_progress"},
-    "query": {"index", "k", "shortlist", "compare", "repeat"},
+    "query": {"index", "k", "shortlist", "compare", "repeat", "exact", "nprobe"},
     "verify": {"index"},
+    "ann": {"index", "kind", "nlist", "pq_bytes", "nprobe", "hnsw_m", "train_size"},
 }
 
 
@@ -736,6 +824,19 @@ def define_flags(fv: flags.FlagValues) -> None:
                        "(0 = exhaustive).", lower_bound=0, flag_values=fv)
   flags.DEFINE_bool("compare", False, "query: also run the exhaustive search and report the "
                     "recall kept.", flag_values=fv)
+  flags.DEFINE_bool("exact", False, "query: the exact global-cosine shortlist even when the "
+                    "index has an approximate one.", flag_values=fv)
+  flags.DEFINE_integer("nprobe", 0, "query, ann: IVF cells scanned per query (0: ann's default; "
+                       "query: as built).", lower_bound=0, flag_values=fv)
+  flags.DEFINE_enum("kind", "ivfpq", list(ann.KINDS), "ann: the FAISS index.", flag_values=fv)
+  flags.DEFINE_integer("nlist", 0, "ann: IVF cells (0: 4 sqrt(N)).", lower_bound=0,
+                       flag_values=fv)
+  flags.DEFINE_integer("pq_bytes", ann.AnnConfig.pq_bytes, "ann: PQ code bytes per clip.",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("hnsw_m", ann.AnnConfig.hnsw_m, "ann: HNSW links per clip (kind=hnsw).",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("train_size", ann.AnnConfig.train_size, "ann: most clips trained on.",
+                       lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("repeat", 0, "query: run N more times and report the median (warm) "
                        "latency.", lower_bound=0, flag_values=fv)
   cli.define_distributed_flags(fv)
@@ -745,8 +846,8 @@ def parse_command(argv: Sequence[str] | None) -> tuple[str, flags.FlagValues, li
   """(subcommand, flags, queries) of `index ...` / `query ... QUERY...`."""
   fv, rest = cli.parse(define_flags, argv, doc=__doc__, prog="python -m hade_jax.search")
   if not rest or rest[0] not in SUBCOMMAND_FLAGS:
-    raise cli.UsageError(f"the first argument must be a subcommand, index, query or verify; got "
-                         f"{rest[0] if rest else 'none'} (see --help)")
+    raise cli.UsageError("the first argument must be a subcommand, index, query, verify or ann; "
+                         f"got {rest[0] if rest else 'none'} (see --help)")
   command, positional = rest[0], rest[1:]
   args = sys.argv[1:] if argv is None else argv
   given = {a[2:].partition("=")[0].partition(".")[0] for a in args if a.startswith("--")}
@@ -762,8 +863,8 @@ def parse_command(argv: Sequence[str] | None) -> tuple[str, flags.FlagValues, li
     missing = ["--index"] if not fv.index else []
     if command == "query" and not positional:
       missing.append("at least one text query")
-    if command == "verify" and positional:
-      raise cli.UsageError(f"verify: unexpected arguments {positional}")
+    if command in ("verify", "ann") and positional:
+      raise cli.UsageError(f"{command}: unexpected arguments {positional}")
   if missing:
     raise cli.UsageError(f"{command} needs {' and '.join(missing)}")
   return command, fv, positional
@@ -772,6 +873,15 @@ def parse_command(argv: Sequence[str] | None) -> tuple[str, flags.FlagValues, li
 def main(argv: Sequence[str] | None = None):
   """Runs `index` or `query` as the command line says (argv without the program name)."""
   command, fv, queries = parse_command(argv)
+  if command == "ann":
+    index = Index(fv.index)
+    cfg = ann.AnnConfig(kind=fv.kind, nlist=fv.nlist, pq_bytes=fv.pq_bytes,
+                        nprobe=fv.nprobe or ann.AnnConfig.nprobe, hnsw_m=fv.hnsw_m,
+                        train_size=fv.train_size)
+    shortlister = build_ann(index, cfg)
+    print(f"index {index.path}: {cfg.kind} shortlist of {len(shortlister)} clips "
+          f"({shortlister.code_bytes_per_clip():.0f} bytes per clip) in {index.path / ANN_FILE}")
+    return shortlister
   if command == "verify":
     problems = verify_index(fv.index)
     print("\n".join(problems) if problems else f"index {fv.index}: every file verified")
@@ -800,7 +910,7 @@ def main(argv: Sequence[str] | None = None):
   index = Index(fv.index)
   hade = load_for_index(index)
   hits, info = query(hade, index, queries, k=fv.k, shortlist=fv.shortlist,
-                     compare=fv.compare, repeat=fv.repeat)
+                     compare=fv.compare, repeat=fv.repeat, exact=fv.exact, nprobe=fv.nprobe)
   if distributed.is_main_process():
     print(format_hits(queries, hits, info))
   return hits
