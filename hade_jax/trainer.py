@@ -12,7 +12,7 @@ Resume order (first that applies):
   4. scratch (`config.seed`).
 
 Faults (tests/test_reliability.py, RELIABILITY.md): a killed run reruns with the same command
-and ends bit-identical to an uninterrupted one. A non-finite loss, gradient or updated state
+and ends bit-identical to an uninterrupted one. A non-finite loss, gradient or updated parameters
 stops the run (NonFiniteError, naming the steps) before anything of that step is saved, or,
 with `config.skip_nonfinite_steps`, the step leaves the state as it was and is counted.
 
@@ -78,8 +78,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses
   The seed (an int32 scalar, `step_seed`) is an argument, not a constant of the program, so
   that runs differing only in `config.seed` (an ablation's seeds) share one compiled step.
 
-  metrics["finite"] says whether the loss, the gradient norm and the updated state are all
-  finite; with `skip_nonfinite` a step where they are not keeps the old parameters, optimizer
+  metrics["finite"] says whether the loss, the gradient norm, the updated parameters and the
+  batch-norm statistics are all finite (finite moments follow, see below); with
+  `skip_nonfinite` a step where they are not keeps the old parameters, optimizer
   state and batch-norm statistics (only the step counter advances, with the data).
   """
 
@@ -111,8 +112,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     step_metrics["grad_norm"] = optax.global_norm(grads)
+    # The optimizer state needs no check of its own (it is 2x the parameters' bytes, read
+    # every step): the gradient norm is finite iff every gradient and every squared gradient
+    # is (a square that overflows makes the sum of squares inf), and Adam's moments are convex
+    # combinations of finite moments and those. The parameters (p + update) and the batch-norm
+    # statistics (a few numbers) are checked.
     finite = (jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(step_metrics["grad_norm"])
-              & _all_finite((params, rest, opt_state)))
+              & _all_finite((params, rest)))
     step_metrics["finite"] = finite
     if skip_nonfinite:
       # Where(True, new, old) is `new` bit for bit: finite steps are the normal step.
@@ -619,7 +625,7 @@ class Reporter:
     what = (f"non-finite loss/gradient between steps {step - 1} and {step}: "
             f"loss={m['loss']}, grad_norm={m['grad_norm']}")
     if math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]):
-      what = (f"non-finite parameters, optimizer state or batch-norm statistics after the "
+      what = (f"non-finite parameters or batch-norm statistics after the "
               f"update between steps {step - 1} and {step} (loss={m['loss']}, "
               f"grad_norm={m['grad_norm']})")
     cap = self.config.max_consecutive_skips
