@@ -72,7 +72,8 @@ class NonFiniteError(FloatingPointError):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses.LossConfig,
-                    spec_augment: bool, skip_nonfinite: bool = False):
+                    spec_augment: bool, skip_nonfinite: bool = False,
+                    dropout_rng: str = "threefry2x32"):
   """A pure function (seed, state, batch) -> (state, metrics), compiled once by the caller.
 
   The seed (an int32 scalar, `step_seed`) is an argument, not a constant of the program, so
@@ -82,10 +83,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses
   batch-norm statistics are all finite (finite moments follow, see below); with
   `skip_nonfinite` a step where they are not keeps the old parameters, optimizer
   state and batch-norm statistics (only the step counter advances, with the data).
+  `dropout_rng` is the PRNG implementation of the dropout masks
+  (`config_schema.DROPOUT_RNGS`, `config.dropout_rng`).
   """
 
   def train_step(seed: jax.Array, state: train_state.TrainState, batch: dict[str, jax.Array]):
-    base_rng = jax.random.fold_in(jax.random.key(seed), 1)
+    # The key feeds dropout alone (nnx.Rngs(dropout=...) below), so its implementation is the
+    # dropout masks' PRNG.
+    base_rng = jax.random.fold_in(jax.random.key(seed, impl=dropout_rng), 1)
     rng = jax.random.fold_in(base_rng, state.step)
 
     def loss_fn(params, rest):
@@ -134,12 +139,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses
 
 def train_step_of_config(config: ml_collections.ConfigDict, graphdef,
                          tx: optax.GradientTransformation):
-  """`make_train_step` as `config` asks for it (loss, SpecAugment, non-finite policy): the
-  step `train_and_evaluate` runs, for the trainer and the benchmarks alike; its first argument
-  is `step_seed(config, mesh)`."""
+  """`make_train_step` as `config` asks for it (loss, SpecAugment, non-finite policy, dropout
+  PRNG): the step `train_and_evaluate` runs, for the trainer and the benchmarks alike; its
+  first argument is `step_seed(config, mesh)`."""
   loss_cfg = losses.LossConfig(**config.loss.to_dict())
   return make_train_step(graphdef, tx, loss_cfg, bool(config.data.spec_augment),
-                         skip_nonfinite=bool(config.skip_nonfinite_steps))
+                         skip_nonfinite=bool(config.skip_nonfinite_steps),
+                         dropout_rng=config.dropout_rng)
 
 
 def step_seed(config: ml_collections.ConfigDict, mesh=None) -> jax.Array:
