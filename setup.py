@@ -55,6 +55,9 @@ setuptools.setup(
         "serve": ["fastapi>=0.115", "starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18"],
         # `python -m hade_jax.report` / `hade-report`: the figures and the page template.
         "report": ["matplotlib>=3.8", "jinja2>=3.1"],
+        # tools/gpu_checks.sh: the GPU test and the GPU comparison (with `jax[cuda12]`, which
+        # the script names beside it). torch 2.13.0 from PyPI is its CUDA build.
+        "gpu": ["torch==2.13.0", "transformers>=5", "pytest>=8"],
         "test": [
             # Exactly this torch: any other version resolves to a CUDA build (gigabytes).
             "torch==2.13.0",
