@@ -57,6 +57,9 @@ setuptools.setup(
         "report": ["matplotlib>=3.8", "jinja2>=3.1"],
         # `python -m hade_jax.search ann`: the approximate shortlist for large corpora (ann.py).
         "ann": ["faiss-cpu>=1.8"],
+        # tools/gpu_checks.sh: the GPU test and the GPU comparison (with `jax[cuda12]`, which
+        # the script names beside it). torch 2.13.0 from PyPI is its CUDA build.
+        "gpu": ["torch==2.13.0", "transformers>=5", "pytest>=8"],
         "test": [
             # Exactly this torch: any other version resolves to a CUDA build (gigabytes).
             "torch==2.13.0",

@@ -183,13 +183,10 @@ def _rate_range(b: int, s: dict) -> str:
 
 
 def _xla_temp(res: dict, key: str) -> str:
-  notes = []
-  if "peak_device_mb" in res["memory"].get(key, {}):
-    notes.append(f"device peak {_mb(res['memory'][key]['peak_device_mb'])}")
   setup = {"jax": res["jax_setup"], "jax_full": res["jax_full_setup"]}.get(key)
   if setup and "xla_temp_mb" in setup:
-    notes.append(f"XLA temporaries {_mb(setup['xla_temp_mb'])}")
-  return f" ({'; '.join(notes)})" if notes else ""
+    return f" (XLA temporaries {_mb(setup['xla_temp_mb'])})"
+  return ""
 
 
 PARTS = (("audio", "audio tower: front end + HTS-AT + projection (forward + backward)"),
@@ -218,12 +215,19 @@ def profile_rows(res: dict, d: dict) -> list[dict]:
                    "(scores, bias, softmax, values; forward + backward, every block)",
                    "jax": t("part", "attention", "jax"), "torch": t("part", "attention", "torch"),
                    "flops": pf.get("attention", float("nan")), "sub": True})
+    rng = res["spec"].get("dropout_rng", "threefry2x32")
     if key == "text" and "jax_dropout" in parts:
       rows.append({"key": "dropout", "label": "&nbsp;&nbsp;the two towers' dropout masks "
                    f"({res.get('dropout_elements', 0) / 1e6:.0f} M random draws per step, "
-                   "inside the tower rows above)", "jax": t("part", "dropout", "jax"),
+                   f"{rng}, inside the tower rows above)", "jax": t("part", "dropout", "jax"),
                    "torch": t("part", "dropout", "torch"),
                    "flops": pf.get("dropout", float("nan")), "sub": True})
+    if key == "text" and "jax_dropout_rbg" in parts and rng != "rbg":
+      rows.append({"key": "dropout_rbg", "label": "&nbsp;&nbsp;the same masks drawn with "
+                   "`config.dropout_rng='rbg'` (not in the step)",
+                   "jax": t("part", "dropout_rbg", "jax"),
+                   "torch": t("part", "dropout_rbg", "torch"), "flops": float("nan"),
+                   "sub": True})
   step_j, step_t = d["step"]["jax"], d["step"]["torch"]
   main = [r for r in rows if not r.get("sub")]
   rows.append({"key": "rest", "label": "rest, not in the parts: heads, loss, metrics, the "
@@ -253,22 +257,52 @@ def by_key(rows: list[dict]) -> dict:
   return {r["key"]: r for r in rows}
 
 
+# compare.Spec fields a run may change, with the value they have when the results omit them.
+SETTINGS = (("compute_dtype", ""), ("dropout_rng", "threefry2x32"), ("jax_xla_flags", ""))
+
+
+def settings(res: dict) -> list[str]:
+  """The run's Spec settings that differ from their defaults, as `field=value`."""
+  spec = res["spec"]
+  return [f"{k}={spec[k]}" for k, default in SETTINGS if spec.get(k, default) != default]
+
+
 def run_table(res: dict) -> str:
   """When, how and on what a comparison ran."""
+  notes = (["quick sizes"] if res["quick"] else []) + settings(res)
   return markdown.table(
       ("command", "date", "minutes", "machine", "load averages (1, 5, 15 min) before",
        "after"),
-      [(f"`{res['command']}`" + (" (quick sizes)" if res["quick"] else ""), res["date"],
+      [(f"`{res['command']}`" + (f" ({'; '.join(notes)})" if notes else ""), res["date"],
         f"{res['wall_s'] / 60:.1f}", machine_line(res), _load(res["load_before"]),
         _load(res["load_after"]))])
+
+
+def _dtype(res: dict) -> str:
+  spec = res["spec"]
+  return spec.get("compute_dtype") or ("bfloat16" if spec.get("device") == "gpu" else "float32")
+
+
+def _memory(res: dict, key: str) -> str:
+  """A worker's peak device memory (accelerators), else its peak RSS, with XLA's temporaries."""
+  mem = res["memory"][key]
+  if "peak_device_mb" not in mem:
+    return f"{_mb(mem['peak_rss_mb'])}{_xla_temp(res, key)}"
+  temp = _xla_temp(res, key)[2:-1]
+  return f"{_mb(mem['peak_device_mb'])} (host RSS {_mb(mem['peak_rss_mb'])}" + \
+      (f"; {temp})" if temp else ")")
 
 
 def training_table(res: dict, d: dict) -> str:
   spec, train, mem = res["spec"], res["train"], res["memory"]
   b = spec["batch"]
+  device = any("peak_device_mb" in m for m in mem.values())
+  fraction = ("MFU: fraction of the JAX " + _dtype(res) + " matmul peak" if device
+              else "fraction of JAX matmul peak")
+  memory = "peak device memory" if device else "peak RSS"
   out = ["| system | step time, s: median (min–max) | clips/s: median (min–max) | "
          "hade_jax / PyTorch (clips/s) | FLOPs per step (XLA) | achieved GFLOP/s | "
-         "fraction of JAX matmul peak | peak RSS |\n|---|---|---|---|---|---|---|---|\n"]
+         f"{fraction} | {memory} |\n|---|---|---|---|---|---|---|---|\n"]
   rows = (("hade_jax, global (CLAP-equivalent)", "jax", d["speedup"]),
           ("PyTorch `ClapModel` (reference)", "torch", 1.0),
           ("hade_jax, full HADE (THA + DCR + CA)", "jax_full",
@@ -279,7 +313,7 @@ def training_table(res: dict, d: dict) -> str:
     out.append(f"| {label} | {_range(train[key])} | {_rate_range(b, train[key])} | "
                f"{ratio:.2f}x | {flops / 1e12:.2f} T{note} | {d['achieved'][key] / 1e9:,.0f}"
                f"{note} | {100 * d['fraction'][key]:.0f} %{note} | "
-               f"{_mb(mem[key]['peak_rss_mb'])}{_xla_temp(res, key)} |\n")
+               f"{_memory(res, key)} |\n")
   return "".join(out)
 
 
@@ -349,8 +383,10 @@ def embed_table(res: dict) -> str:
     j, t = e[f"jax_{what}"], e[f"torch_{what}"]
     gf = flops.get(what, float("nan")) / b / 1e9
     ratio = paired_ratio(res, "embed", what) or t["median"] / j["median"]
+    cos = (f" (least cosine {c[f'{what}_min_cosine']:.4f})"
+           if _dtype(res) == "bfloat16" and f"{what}_min_cosine" in c else "")
     lines.append(f"| {label} | {_rate_range(b, j)} | {_rate_range(b, t)} | "
-                 f"{ratio:.2f}x | {gf:.1f} | {c[f'{what}_max_abs_diff']:.1e} |\n")
+                 f"{ratio:.2f}x | {gf:.1f} | {c[f'{what}_max_abs_diff']:.1e}{cos} |\n")
   return "".join(lines)
 
 
@@ -403,7 +439,8 @@ def profile_table(res: dict, d: dict) -> str:
            "hade_jax step | GFLOP (XLA) | hade_jax GFLOP/s | fraction of peak |\n"
            "|---|---|---|---|---|---|---|---|\n"]
   for r in profile_rows(res, d):
-    flop_cells = ("- | - | -" if r["key"] == "dropout" or not math.isfinite(r["gflops"]) else
+    no_flops = r["key"].startswith("dropout") or not math.isfinite(r["gflops"])
+    flop_cells = ("- | - | -" if no_flops else
                   f"{r['flops'] / 1e9:,.1f} | {r['gflops']:,.0f} | {100 * r['fraction']:.0f} %")
     ratio = f"{r['ratio']:.2f}x" if math.isfinite(r["ratio"]) and r["ratio"] > 0 else "-"
     lines.append(f"| {r['label']} | {r['jax']:.3f} | {r['torch']:.3f} | {ratio} | "
@@ -542,6 +579,23 @@ def tables(results: dict[str, dict], targets: list[dict] | None = None) -> dict[
 
     out["serve_load/latency"] = serve_load.table(results["serve_load"])
   return out
+
+
+GPU_HEADING = "## hade_jax against the PyTorch reference, GPU"
+GPU_TABLES = ("run", "training", "rounds", "measurements", "embedding", "peak", "profile")
+
+
+def add_gpu_markers(text: str) -> str:
+  """`text` with empty markers for the compare_gpu tables at the end of the GPU section, when it
+  has none yet (the first GPU run): the tables then fill in; the prose is left to be written."""
+  if "<!-- table:compare_gpu/" in text or GPU_HEADING not in text:
+    return text
+  start = text.index(GPU_HEADING)
+  end = text.find("\n## ", start + len(GPU_HEADING))
+  end = len(text) if end < 0 else end + 1
+  block = "".join(f"<!-- table:compare_gpu/{name} -->\n<!-- /table -->\n\n"
+                  for name in GPU_TABLES)
+  return text[:end].rstrip("\n") + "\n\n" + block + text[end:]
 
 
 def render(results: dict[str, dict], text: str | None = None, source: str = str(OUT)) -> str:

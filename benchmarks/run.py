@@ -2,7 +2,9 @@
 
   python -m benchmarks.run --quick            # ~5 min: hade_jax vs PyTorch on this CPU
   python -m benchmarks.run                    # the full suite: comparison, pipeline, eval/search
-  python -m benchmarks.run --device=gpu       # the comparison on a GPU, bfloat16 (both systems)
+  python -m benchmarks.run --device=gpu --quick  # the comparison on a GPU, bfloat16, ~6 min
+  python -m benchmarks.run --quick --dropout_rng=rbg --jax_xla_flags='--xla_cpu_...'
+                                              # the same with hade_jax's dropout PRNG / XLA flags
   python -m benchmarks.render                 # refill BENCHMARKS.md's tables from the saved results
 
 Each section writes its results to `benchmarks/results/<section>.json` (with the date, the
@@ -92,9 +94,11 @@ def wait_for_load(limit: float, timeout_s: float):
     time.sleep(30)
 
 
-def run_compare(device: str, quick: bool, command: str) -> dict:
+def run_compare(device: str, quick: bool, command: str, **spec_overrides) -> dict:
+  """The comparison at PLANS' sizes; `spec_overrides` are compare.Spec fields (dropout_rng,
+  jax_xla_flags, compute_dtype) that differ from the plan's."""
   spec_kw, plan = PLANS[(device, quick)]
-  spec = compare.full_spec(device=device, **spec_kw)
+  spec = compare.full_spec(device=device, **(spec_kw | spec_overrides))
   meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
           "command": command, "quick": quick, "device": device, "machine": machine(),
           "load_before": os.getloadavg()}
@@ -139,6 +143,15 @@ def main(argv=None):
                       help="pipeline section: where synthcaps is prepared if missing")
   parser.add_argument("--wait_load", type=float, default=0.0,
                       help="wait (up to 10 min) for the 1-min load average to fall below this")
+  parser.add_argument("--dropout_rng", default="threefry2x32",
+                      help="compare: hade_jax's config.dropout_rng (threefry2x32 or rbg)")
+  parser.add_argument("--jax_xla_flags", default="",
+                      help="compare: extra XLA_FLAGS of the JAX workers, e.g. "
+                           "'--xla_cpu_use_thunk_runtime=false' (PyTorch runs beside them)")
+  parser.add_argument("--results_name", default="",
+                      help="compare: save as benchmarks/results/NAME.json (default compare_DEVICE, "
+                           "the file BENCHMARKS.md's tables read; another name keeps a variant's "
+                           "run apart from them)")
   parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
   args = parser.parse_args(argv)
   command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -154,8 +167,13 @@ def main(argv=None):
 
   t0 = time.time()
   if "compare" in sections:
-    res = run_compare(args.device, args.quick, command)
-    save(f"compare_{args.device}", res)
+    res = run_compare(args.device, args.quick, command, dropout_rng=args.dropout_rng,
+                      jax_xla_flags=args.jax_xla_flags)
+    save(args.results_name or f"compare_{args.device}", res)
+    target = render.derived(res)["target"]
+    print(f"compare: hade_jax / PyTorch {target['speedup']:.2f}x, full HADE extra "
+          f"{100 * target['overhead']:+.1f} %, fraction of the JAX matmul peak "
+          f"{100 * target['fraction']:.0f} % (median over the quiet rounds)", flush=True)
   if "pipeline" in sections:
     out = RESULTS / "input_pipeline.json"
     extra = ["--batches=10", "--workers=0,2"] if args.quick else []
@@ -169,7 +187,10 @@ def main(argv=None):
                       *(["--quick"] if args.quick else [])], out, command, args.quick)
     save(name, res)
   out = pathlib.Path(args.out)
-  out.write_text(render.render(load_results(), out.read_text(), str(out)))
+  text = out.read_text()
+  if "compare" in sections and args.device == "gpu" and not args.results_name:
+    text = render.add_gpu_markers(text)  # the first GPU run: its tables get their places
+  out.write_text(render.render(load_results(), text, str(out)))
   print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
 
 

@@ -6,8 +6,8 @@ away"), and a user may delete good checkpoints. Three kinds of change:
   structure   the model (`model.*`) or the optimizer state's shape (`optim.groups`,
               `optim.frozen`, `optim.accum_steps`): the checkpoint cannot restore into it.
               Refused, the fields listed, nothing touched.
-  training    the same arrays, but a different run from here on (`seed`, the rest of `optim.*`,
-              `loss.*`, `compute_dtype`, what the training data is): refused unless
+  training    the same arrays, but a different run from here on (`seed`, `dropout_rng`, the rest of
+              `optim.*`, `loss.*`, `compute_dtype`, what the training data is): refused unless
               `config.allow_config_change=True`, then logged.
   other       logging, evaluation, checkpoint cadence, mesh, paths, the length of the run
               (`total_steps`/`num_epochs`: the learning-rate schedule follows the new length):
@@ -27,7 +27,8 @@ from hade_jax import validation
 log = logging.getLogger(__name__)
 
 STRUCTURE = ("model.", "optim.groups", "optim.frozen", "optim.accum_steps")
-TRAINING = ("seed", "optim.", "loss.", "compute_dtype", "data.dataset", "data.builder_config",
+TRAINING = ("seed", "dropout_rng", "optim.", "loss.", "compute_dtype", "data.dataset",
+            "data.builder_config",
             "data.synth_size", "data.train_split", "data.crop_seconds", "data.max_text_len",
             "data.spec_", "data.pad_mode", "data.folder_")
 IGNORED = ("batch_size", "total_steps_resolved", "allow_config_change")

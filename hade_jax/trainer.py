@@ -12,7 +12,7 @@ Resume order (first that applies):
   4. scratch (`config.seed`).
 
 Faults (tests/test_reliability.py, RELIABILITY.md): a killed run reruns with the same command
-and ends bit-identical to an uninterrupted one. A non-finite loss, gradient or updated state
+and ends bit-identical to an uninterrupted one. A non-finite loss, gradient or updated parameters
 stops the run (NonFiniteError, naming the steps) before anything of that step is saved, or,
 with `config.skip_nonfinite_steps`, the step leaves the state as it was and is counted.
 
@@ -72,19 +72,25 @@ class NonFiniteError(FloatingPointError):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses.LossConfig,
-                    spec_augment: bool, skip_nonfinite: bool = False):
+                    spec_augment: bool, skip_nonfinite: bool = False,
+                    dropout_rng: str = "threefry2x32"):
   """A pure function (seed, state, batch) -> (state, metrics), compiled once by the caller.
 
   The seed (an int32 scalar, `step_seed`) is an argument, not a constant of the program, so
   that runs differing only in `config.seed` (an ablation's seeds) share one compiled step.
 
-  metrics["finite"] says whether the loss, the gradient norm and the updated state are all
-  finite; with `skip_nonfinite` a step where they are not keeps the old parameters, optimizer
+  metrics["finite"] says whether the loss, the gradient norm, the updated parameters and the
+  batch-norm statistics are all finite (finite moments follow, see below); with
+  `skip_nonfinite` a step where they are not keeps the old parameters, optimizer
   state and batch-norm statistics (only the step counter advances, with the data).
+  `dropout_rng` is the PRNG implementation of the dropout masks
+  (`config_schema.DROPOUT_RNGS`, `config.dropout_rng`).
   """
 
   def train_step(seed: jax.Array, state: train_state.TrainState, batch: dict[str, jax.Array]):
-    base_rng = jax.random.fold_in(jax.random.key(seed), 1)
+    # The key feeds dropout alone (nnx.Rngs(dropout=...) below), so its implementation is the
+    # dropout masks' PRNG.
+    base_rng = jax.random.fold_in(jax.random.key(seed, impl=dropout_rng), 1)
     rng = jax.random.fold_in(base_rng, state.step)
 
     def loss_fn(params, rest):
@@ -111,8 +117,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     step_metrics["grad_norm"] = optax.global_norm(grads)
+    # The optimizer state needs no check of its own (it is 2x the parameters' bytes, read
+    # every step): the gradient norm is finite iff every gradient and every squared gradient
+    # is (a square that overflows makes the sum of squares inf), and Adam's moments are convex
+    # combinations of finite moments and those. The parameters (p + update) and the batch-norm
+    # statistics (a few numbers) are checked.
     finite = (jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(step_metrics["grad_norm"])
-              & _all_finite((params, rest, opt_state)))
+              & _all_finite((params, rest)))
     step_metrics["finite"] = finite
     if skip_nonfinite:
       # Where(True, new, old) is `new` bit for bit: finite steps are the normal step.
@@ -128,12 +139,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses
 
 def train_step_of_config(config: ml_collections.ConfigDict, graphdef,
                          tx: optax.GradientTransformation):
-  """`make_train_step` as `config` asks for it (loss, SpecAugment, non-finite policy): the
-  step `train_and_evaluate` runs, for the trainer and the benchmarks alike; its first argument
-  is `step_seed(config, mesh)`."""
+  """`make_train_step` as `config` asks for it (loss, SpecAugment, non-finite policy, dropout
+  PRNG): the step `train_and_evaluate` runs, for the trainer and the benchmarks alike; its
+  first argument is `step_seed(config, mesh)`."""
   loss_cfg = losses.LossConfig(**config.loss.to_dict())
   return make_train_step(graphdef, tx, loss_cfg, bool(config.data.spec_augment),
-                         skip_nonfinite=bool(config.skip_nonfinite_steps))
+                         skip_nonfinite=bool(config.skip_nonfinite_steps),
+                         dropout_rng=config.dropout_rng)
 
 
 def step_seed(config: ml_collections.ConfigDict, mesh=None) -> jax.Array:
@@ -619,7 +631,7 @@ class Reporter:
     what = (f"non-finite loss/gradient between steps {step - 1} and {step}: "
             f"loss={m['loss']}, grad_norm={m['grad_norm']}")
     if math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]):
-      what = (f"non-finite parameters, optimizer state or batch-norm statistics after the "
+      what = (f"non-finite parameters or batch-norm statistics after the "
               f"update between steps {step - 1} and {step} (loss={m['loss']}, "
               f"grad_norm={m['grad_norm']})")
     cap = self.config.max_consecutive_skips

@@ -153,3 +153,39 @@ def test_a_marker_without_results_names_the_file_and_the_table():
   text = "prose\n<!-- table:compare_gpu/training -->\n<!-- /table -->\n"
   with pytest.raises(KeyError, match=r"BENCHMARKS.md marks tables \['compare_gpu/training'\]"):
     render.render(bench_run.load_results(), text)
+
+
+def test_gpu_results_fill_their_own_tables_with_mfu_and_device_memory():
+  spec = compare.full_spec(device="gpu", batch=64, matmul_size=8192)
+  res = fake_results(spec) | {"device": "gpu", "command": "python -m benchmarks.run "
+                              "--device=gpu --quick"}
+  res["memory"] = {k: {"peak_rss_mb": 3000.0, "peak_device_mb": 20_000.0}
+                   for k in ("jax", "jax_full", "torch")} | {"peak": {"peak_rss_mb": 900.0}}
+  res["check"] |= {"audio_min_cosine": 0.9991, "text_min_cosine": 0.9987}
+  res["parts"] |= {"jax_dropout_rbg": {"median": 0.1, "min": 0.1, "max": 0.1, "n": 4},
+                   "torch_dropout_rbg": {"median": 0.05, "min": 0.05, "max": 0.05, "n": 4}}
+  text = render.add_gpu_markers(render.OUT.read_text())
+  assert render.add_gpu_markers(text) == text  # markers are added once
+  md = render.render(bench_run.load_results() | {"compare_gpu": res}, text)
+  gpu = md[md.index(render.GPU_HEADING):md.index("## Data pipeline")]
+  header = next(line for line in gpu.splitlines() if line.startswith("| system | step time"))
+  assert "MFU: fraction of the JAX bfloat16 matmul peak" in header
+  assert "peak device memory" in header
+  row = next(line for line in gpu.splitlines() if line.startswith("| hade_jax, global"))
+  assert "20,000 MB (host RSS 3,000 MB; XLA temporaries 100 MB)" in row
+  assert "least cosine 0.9991" in gpu
+  assert "`config.dropout_rng='rbg'`" in gpu
+  # The CPU section keeps its own tables.
+  cpu = md[:md.index(render.GPU_HEADING)]
+  assert "fraction of JAX matmul peak | peak RSS |" in cpu
+
+
+def test_run_settings_other_than_the_defaults_are_named_in_the_run_table():
+  spec = compare.full_spec(dropout_rng="rbg", jax_xla_flags="--xla_cpu_foo=true")
+  table = render.run_table(fake_results(spec))
+  assert "(quick sizes; dropout_rng=rbg; jax_xla_flags=--xla_cpu_foo=true)" in table
+  assert "dropout_rng" not in render.run_table(fake_results(compare.full_spec()))
+  env = compare.worker_env("jax", "cpu", "--xla_cpu_foo=true")
+  assert env["XLA_FLAGS"].split()[-1] == "--xla_cpu_foo=true"
+  assert "--xla_cpu_foo" not in compare.worker_env("torch", "cpu", "--xla_cpu_foo=true")[
+      "XLA_FLAGS"]

@@ -7,6 +7,7 @@ tiny HADE (HTS-AT with 2x2 windows, a 2-block text tower with the real MiniLM vo
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -155,3 +156,68 @@ def test_train_state_keeps_the_checkpoint_layout_of_the_dict_state(tmp_path):
                                                jax.eval_shape(lambda: state))
     assert step == 5 and isinstance(restored, train_state.TrainState)
     assert_trees_close(restored, state, atol=0)
+
+
+def _dropout_masks(impl: str, seed: int, step: int, x_BxD, sharding=None):
+  """layers.dropout under jit, keyed as the training step keys it (`config.dropout_rng`)."""
+  from flax import nnx
+
+  from hade_jax import layers
+
+  def masked(seed, x_BxD):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed, impl=impl), 1), step)
+    return layers.dropout(x_BxD, 0.5, nnx.Rngs(dropout=key))
+
+  fn = jax.jit(masked, in_shardings=(None, sharding), out_shardings=sharding)
+  return np.asarray(fn(seed, x_BxD))
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_dropout_rng_draws_the_same_masks_on_1_and_8_devices(impl):
+  from hade_jax import config_schema, sharding
+
+  assert impl in config_schema.DROPOUT_RNGS
+  mesh = sharding.make_mesh((("data", 8), ("fsdp", 1)))
+  x_BxD = np.ones((16, 64), np.float32)
+  one = _dropout_masks(impl, 3, 5, x_BxD, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  eight = _dropout_masks(impl, 3, 5, x_BxD, sharding.batch_sharding(mesh))
+  np.testing.assert_array_equal(one, eight)
+  assert 0.3 < (one == 0).mean() < 0.7
+  # A resumed run draws a step's masks from (seed, step) alone: the same again, another step
+  # (or seed) others.
+  np.testing.assert_array_equal(_dropout_masks(impl, 3, 5, x_BxD), one)
+  assert (_dropout_masks(impl, 3, 6, x_BxD) != one).any()
+  assert (_dropout_masks(impl, 4, 5, x_BxD) != one).any()
+
+
+def test_dropout_rng_reaches_the_training_step():
+  """config.dropout_rng is the PRNG of the step's masks: the step's random bits are drawn
+  from keys of that implementation (`key<rbg>`), and of no other."""
+  from flax import nnx
+
+  from hade_jax import hade, optim, train_state
+
+  config = tiny_config(**{"data.spec_augment": False})
+  model = hade.HadeModel(hade.model_config(config), rngs=nnx.Rngs(0))
+  graphdef, params, _ = hade.split_model(model)
+  tx = optim.make(params, config.optim, total_steps=4, warmup_steps=0)
+  state = train_state.TrainState.create(model, tx)
+  b, m, samples = 2, config.data.max_text_len, 20320
+  batch = {"audio": np.zeros((b, samples), np.float32), "input_ids": np.ones((b, m), np.int32),
+           "attention_mask": np.ones((b, m), np.int32), "clip_id": np.arange(b, dtype=np.int32)}
+  jaxprs = {}
+  for impl in ("threefry2x32", "rbg"):
+    config.dropout_rng = impl
+    step = trainer.train_step_of_config(config, graphdef, tx)
+    jaxprs[impl] = str(jax.make_jaxpr(step)(trainer.step_seed(config), state, batch))
+  # Every key in the step is of the configured implementation (jaxprs spell threefry 'fry').
+  assert set(re.findall(r"key<(\w+)>", jaxprs["rbg"])) == {"rbg"}
+  assert set(re.findall(r"key<(\w+)>", jaxprs["threefry2x32"])) == {"fry"}
+
+
+def test_dropout_rng_outside_its_choices_is_refused_by_name():
+  from hade_jax import config_schema
+
+  with pytest.raises(ValueError, match=r"dropout_rng.*'unsafe_rbg' is not one of "
+                     r"'threefry2x32', 'rbg'"):
+    config_schema.TrainConfig(dropout_rng="unsafe_rbg")
