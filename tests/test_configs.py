@@ -1,5 +1,6 @@
 """Every config file loads, locks, and describes a model that can be built."""
 
+import importlib
 import pathlib
 
 import pytest
@@ -31,9 +32,12 @@ def test_all_config_files_are_covered():
 def test_config_loads_and_builds_a_model(path, ablation):
   config = load(path, ablation)
   cfg = hade.model_config(config)
-  expected = {"": (True, True), "ablation=global": (False, False),
-              "ablation=tha": (True, False), "ablation=dcr": (False, True),
-              "ablation=full_attention": (True, True)}[ablation]
+  switches = {"ablation=global": (False, False), "ablation=tha": (True, False),
+              "ablation=dcr": (False, True), "ablation=full": (True, True),
+              "ablation=full_attention": (True, True)}
+  # A config file's default variant: its DEFAULT_ABLATION (esc50.py: chosen on validation).
+  default = getattr(importlib.import_module(f"configs.{path.stem}"), "DEFAULT_ABLATION", "full")
+  expected = switches[ablation or f"ablation={default}"]
   assert (cfg.heads.use_tha, cfg.heads.use_dcr) == expected
   assert (cfg.heads.level_sim == "attention") == (ablation == "ablation=full_attention")
   model = nnx.eval_shape(lambda: hade.HadeModel(cfg, rngs=nnx.Rngs(0)))
