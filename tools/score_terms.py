@@ -30,8 +30,8 @@ import numpy as np
 def _class_t2a(scores_AxT: np.ndarray, caption_clip_T, clip_group_A) -> dict[str, float]:
   from hade_jax import metrics
 
-  per_query = metrics.per_query_metrics(scores_AxT, caption_clip_T, clip_group_A=clip_group_A)
-  return {k: float(np.mean(per_query["t2a"][k])) for k in ("R@1", "R@10", "mAP@10")}
+  m = metrics.retrieval_metrics(scores_AxT, caption_clip_T, clip_group_A=clip_group_A)
+  return {k: m[f"t2a/{k}"] for k in ("R@1", "R@10", "mAP@10")}
 
 
 def analyse(workdir: str, split: str) -> dict:
