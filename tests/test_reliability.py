@@ -139,7 +139,7 @@ def test_reporter_caps_skips_in_a_row_and_names_the_state():
     report((7, nan))
   stop, _ = _reporter()
   with pytest.raises(trainer.NonFiniteError,
-                     match="non-finite parameters, optimizer state or batch-norm statistics "
+                     match="non-finite parameters or batch-norm statistics "
                            "after the update between steps 8 and 9"):
     stop((9, {"loss": 1.0, "grad_norm": 1.0, "finite": False}))
 
