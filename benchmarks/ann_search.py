@@ -315,6 +315,14 @@ def target_values(res: dict) -> dict[str, float]:
   return out
 
 
+def target_machine(res: dict) -> str:
+  """The machine (and the note) of the run that measured the 10^7-clip size, else the last's."""
+  runs = res.get("runs", [res["meta"]])
+  dates = [r["run"] for r in res["sizes"] if r["clips"] == 10_000_000]
+  meta = next((m for m in runs if dates and m["date"] == dates[0]), res["meta"])
+  return meta["machine"] + (f" ({meta['note']})" if meta.get("note") else "")
+
+
 def _ms(x: float) -> str:
   return f"{x:,.1f} ms" if x < 100 else f"{x:,.0f} ms"
 
@@ -390,6 +398,8 @@ def main(argv=None):
   parser.add_argument("--update", action="store_true", help="keep the other sizes (and the "
                       "heads, with --no_heads) of an existing --out")
   parser.add_argument("--no_heads", action="store_true", help="skip the heads measurement")
+  parser.add_argument("--note", default="", help="what else ran on the machine, e.g. '"
+                      + SHARED_NOTE + "' (the run table shows it next to the load averages)")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
@@ -397,7 +407,7 @@ def main(argv=None):
     print(json.dumps({"size": child_size, "heads": child_heads}[kind](**kwargs)))
     return
   results = {"meta": {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                      "machine": eval_search.machine(), "note": SHARED_NOTE,
+                      "machine": eval_search.machine(), "note": args.note,
                       "load_before": os.getloadavg()[0],
                       "target": {"top10_kept": TARGET_KEPT, "p50_ms": TARGET_MS}},
              "sizes": []}
@@ -406,7 +416,7 @@ def main(argv=None):
     results["runs"] = old.get("runs", [old["meta"]])
     results["sizes"] = old["sizes"]
     results["heads"] = old.get("heads")
-  print(f"machine: {results['meta']['machine']}; {SHARED_NOTE}")
+  print(f"machine: {results['meta']['machine']}; {args.note}")
   for n in [int(x) for x in args.sizes.split(",") if x]:
     r = run_child("size", n=n, queries=args.queries, latency_queries=args.latency_queries,
                   exact_up_to=1_000_000)

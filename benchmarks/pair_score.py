@@ -277,6 +277,24 @@ def main(argv=None):
     pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
 
 
+def target_values(res: dict) -> dict[str, float]:
+  """{measure: value} for benchmarks/targets.json rows with "source": "pair_score" (full size
+  only: the --quick split is not the target's)."""
+  runs = {r["impl"]: r for r in res["runs"]}
+  if res["quick"] or "jax" not in runs:
+    return {}
+  r = runs["jax"]
+  return {"clotho_scoring_s": r["score_s"],
+          "clotho_scoring_peak_fraction": r["tha_gflops"] / r["matmul_gflops"]}
+
+
+def run_table(res: dict) -> str:
+  return ("| date | split | machine | tile | 1-min load average at the start | at the end |\n"
+          "|---|---|---|---|---|---|\n"
+          f"| {res['date'][:10]} | {'quick' if res['quick'] else 'full'} | {res['machine']} | "
+          f"{res['tile']} | {res['load_before']:.1f} | {res['load_after']:.1f} |\n")
+
+
 def table(res: dict) -> str:
   """The side-by-side table (BENCHMARKS.md, pair_score/scoring)."""
   runs = {r["impl"]: r for r in res["runs"]}

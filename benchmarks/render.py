@@ -406,18 +406,21 @@ def targets_table(d: dict, targets: list[dict], machine: str = "",
 
   A target with a "source" (a results file) reads its value from `sources[source]`, a
   ({measure: value}, machine) pair; the others from the comparison (`d`, on `machine`).
-  Targets whose source has no results are left out.
+  A target whose source has no results yet is listed as not measured.
   """
   formats = {"x": lambda x: f"{x:.2f}x", "%": lambda x: f"{100 * x:.1f} %",
-             "ms": lambda x: f"{x:,.1f} ms"}
+             "ms": lambda x: f"{x:,.1f} ms", "s": lambda x: f"{x:,.1f} s",
+             "min": lambda x: f"{x:,.1f} min"}
   sources = sources or {}
   lines = ["| target | measured | target | status | margin | machine |\n"
            "|---|---|---|---|---|---|\n"]
   for t in targets:
+    target, fmt = t["target"], formats[t["unit"]]
     if t.get("source") and t["source"] not in sources:
+      lines.append(f"| {t['name']} | not measured (no `{t['source']}` results) | "
+                   f"{fmt(target)} | - | - | - |\n")
       continue
     values, where = sources[t["source"]] if t.get("source") else (d["target"], machine)
-    target, fmt = t["target"], formats[t["unit"]]
     if t["measure"] not in values:  # its benchmark ran, but not at the size the target needs
       lines.append(f"| {t['name']} | not measured | {fmt(target)} | - | - | {where} |\n")
       continue
@@ -557,9 +560,19 @@ def tables(results: dict[str, dict], targets: list[dict] | None = None) -> dict[
     from benchmarks import ann_search  # the benchmark owns its tables
 
     res = results["ann_search"]
-    sources["ann_search"] = (ann_search.target_values(res), res["meta"]["machine"]
-                             + " (shared with a training run: an upper bound)")
+    sources["ann_search"] = (ann_search.target_values(res), ann_search.target_machine(res))
     out |= ann_search.tables(res)
+  if "pair_score" in results:
+    from benchmarks import pair_score  # the benchmark owns its tables
+
+    res = results["pair_score"]
+    sources["pair_score"] = (pair_score.target_values(res), res["machine"])
+    out |= {"pair_score/run": pair_score.run_table(res),
+            "pair_score/scoring": pair_score.table(res)}
+  if "compare_gpu" in results:
+    res = results["compare_gpu"]
+    sources["compare_gpu"] = ({"wall_min": res["wall_s"] / 60},
+                              res.get("device_kind") or f"{res['machine']['cpu']} + GPU")
   for name in ("compare_cpu", "compare_gpu"):
     if name in results:
       out |= {f"{name}/{k}": v

@@ -131,8 +131,8 @@ def test_markdown_has_the_ratio_columns():
   assert "hade_jax / PyTorch" in embed_header and "max abs diff" in embed_header
   row = next(line for line in lines if line.startswith("| hade_jax, global"))
   assert "1.25x" in row  # 2.5 s / 2.0 s
-  assert any(line.startswith("| training clips/s, hade_jax over PyTorch") and "missed" in line
-             for line in lines)
+  assert any(line.startswith("| training clips/s, hade_jax over PyTorch") and "| met |" in line
+             and "1.25x the target" in line for line in lines)  # parity is the target
   assert any(line.startswith("| full HADE step time") and "met" in line for line in lines)
   assert any(line.startswith("| **median, quiet rounds** |") and "**1.25x**" in line
              for line in lines)
@@ -189,3 +189,48 @@ def test_run_settings_other_than_the_defaults_are_named_in_the_run_table():
   assert env["XLA_FLAGS"].split()[-1] == "--xla_cpu_foo=true"
   assert "--xla_cpu_foo" not in compare.worker_env("torch", "cpu", "--xla_cpu_foo=true")[
       "XLA_FLAGS"]
+
+
+def test_pair_score_reference_and_layouts_score_alike():
+  # benchmarks/pair_score.py: the PyTorch all-pairs score (the side-by-side reference) and
+  # hade_jax's blocked layout equal the training formula (float32 rounding: 1e-5).
+  from benchmarks import pair_score
+
+  audio, text = pair_score._features(40, 60)
+  plain, _ = pair_score.run_jax("jax_plain", audio, text, tile=16)
+  blocked, _ = pair_score.run_jax("jax", audio, text, tile=16)
+  reference, _ = pair_score.run_torch("torch", audio, text, tile=16)
+  assert plain.shape == (40, 60) and np.isfinite(plain).all()
+  np.testing.assert_allclose(blocked, plain, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(reference, plain, atol=1e-5, rtol=0)
+  same = pair_score.agreement(plain, blocked)
+  assert same["top10_kept"] == 100.0 and same["recall_change"] == {"R@1": 0.0, "R@10": 0.0}
+  shuffled = pair_score.agreement(plain, np.random.default_rng(0).permutation(plain))
+  assert shuffled["top10_kept"] < 100.0 and shuffled["max_abs_diff"] > 1e-3
+
+
+def test_pair_score_rows_and_a_target_without_results():
+  from benchmarks import pair_score
+
+  def run(impl, seconds):
+    return {"impl": impl, "score_s": seconds, "tha_gflops": 100 / seconds, "matmul_gflops": 4.0,
+            "bf16_matmul_gflops": None, "agreement": {
+                "max_abs_diff": 0.0, "top10_kept": 100.0,
+                "recall_change": {"R@1": 0.0, "R@10": 0.0}}}
+
+  res = {"machine": "m", "quick": False, "tile": 128, "date": "2026-11-30T00:00:00",
+         "load_before": 0.1, "load_after": 0.2,
+         "runs": [run("jax_plain", 100.0), run("jax", 50.0), run("torch", 80.0)]}
+  rows = pair_score.table(res).splitlines()
+  assert next(r for r in rows if r.startswith("| jax |")).startswith("| jax | 50.0 | 2.00x | 1.60x")
+  assert pair_score.target_values(res) == {"clotho_scoring_s": 50.0,
+                                           "clotho_scoring_peak_fraction": 0.5}
+  assert pair_score.target_values(res | {"quick": True}) == {}
+  targets = [{"name": "scoring", "source": "pair_score", "measure": "clotho_scoring_s",
+              "target": 55.0, "unit": "s", "higher_is_better": False},
+             {"name": "gpu", "source": "compare_gpu", "measure": "wall_min", "target": 8.0,
+              "unit": "min", "higher_is_better": False}]
+  table = render.targets_table({}, targets, sources={
+      "pair_score": (pair_score.target_values(res), "m")}).splitlines()
+  assert "| scoring | 50.0 s | 55.0 s | met | 5.0 s to spare | m |" in table
+  assert "| gpu | not measured (no `compare_gpu` results) | 8.0 min | - | - | - |" in table
