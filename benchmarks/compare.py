@@ -65,6 +65,9 @@ class Spec:
   # Extra XLA_FLAGS of the JAX workers (hade_jax and the JAX peak matmul), e.g.
   # '--xla_cpu_use_thunk_runtime=false': the same run measures PyTorch beside them.
   jax_xla_flags: str = ""
+  # hade_jax's config.keep_freed_memory (hade_jax/host_memory.py), applied in the JAX workers as
+  # the train command applies it.
+  keep_freed_memory: bool = True
 
   @property
   def dtype(self) -> str:
@@ -265,6 +268,7 @@ def jax_config(spec: Spec, heads: str):
                                     for h, f in ((2, 1 / 3), (3, 2 / 3), (4, 1.0)))
   config.compute_dtype = spec.dtype
   config.dropout_rng = spec.dropout_rng
+  config.keep_freed_memory = spec.keep_freed_memory
   config.data.spec_augment = False  # the PyTorch reference has none: both train without
   return config
 
@@ -280,13 +284,15 @@ class JaxSystem:
     import jax
     from flax import nnx
 
-    from hade_jax import hade, optim, train_state, trainer
+    from hade_jax import hade, host_memory, optim, train_state, trainer
     from hade_jax.convert import clap as convert_clap
     from hade_jax.convert import common
 
     t0 = time.perf_counter()
     spec, config = self.spec, jax_config(self.spec, self.heads)
     self.config = config
+    if config.keep_freed_memory:
+      host_memory.keep_freed_pages()
     model = hade.HadeModel(hade.model_config(config), rngs=nnx.Rngs(config.seed))
     _, state_dict = common.load_hf_folder(self.clap_dir)
     report = convert_clap.import_clap(model, state_dict)

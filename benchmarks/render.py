@@ -258,13 +258,17 @@ def by_key(rows: list[dict]) -> dict:
 
 
 # compare.Spec fields a run may change, with the value they have when the results omit them.
-SETTINGS = (("compute_dtype", ""), ("dropout_rng", "threefry2x32"), ("jax_xla_flags", ""))
+SETTINGS = (("compute_dtype", ""), ("dropout_rng", "threefry2x32"), ("jax_xla_flags", ""),
+            ("keep_freed_memory", True))
+# What a run saved before a setting existed ran with (glibc's default malloc).
+SETTINGS_BEFORE = {"keep_freed_memory": False}
 
 
 def settings(res: dict) -> list[str]:
   """The run's Spec settings that differ from their defaults, as `field=value`."""
   spec = res["spec"]
-  return [f"{k}={spec[k]}" for k, default in SETTINGS if spec.get(k, default) != default]
+  values = {k: spec.get(k, SETTINGS_BEFORE.get(k, default)) for k, default in SETTINGS}
+  return [f"{k}={values[k]}" for k, default in SETTINGS if values[k] != default]
 
 
 def run_table(res: dict) -> str:

@@ -148,6 +148,9 @@ def main(argv=None):
   parser.add_argument("--jax_xla_flags", default="",
                       help="compare: extra XLA_FLAGS of the JAX workers, e.g. "
                            "'--xla_cpu_use_thunk_runtime=false' (PyTorch runs beside them)")
+  parser.add_argument("--keep_freed_memory", default="true", choices=("true", "false"),
+                      help="compare: hade_jax's config.keep_freed_memory (the trainer's default: "
+                           "true)")
   parser.add_argument("--results_name", default="",
                       help="compare: save as benchmarks/results/NAME.json (default compare_DEVICE, "
                            "the file BENCHMARKS.md's tables read; another name keeps a variant's "
@@ -168,7 +171,8 @@ def main(argv=None):
   t0 = time.time()
   if "compare" in sections:
     res = run_compare(args.device, args.quick, command, dropout_rng=args.dropout_rng,
-                      jax_xla_flags=args.jax_xla_flags)
+                      jax_xla_flags=args.jax_xla_flags,
+                      keep_freed_memory=args.keep_freed_memory == "true")
     save(args.results_name or f"compare_{args.device}", res)
     target = render.derived(res)["target"]
     print(f"compare: hade_jax / PyTorch {target['speedup']:.2f}x, full HADE extra "

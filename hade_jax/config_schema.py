@@ -279,6 +279,10 @@ class TrainConfig:
   # The JAX PRNG of the dropout (and stochastic-depth) masks, one of DROPOUT_RNGS: 'rbg' draws
   # them about 1.6x faster on a CPU but, sharded, every device draws the whole batch's masks.
   dropout_rng: str = "threefry2x32"
+  # The train command makes glibc's malloc keep the host memory it frees, so a CPU step reuses
+  # its pages instead of faulting in GiBs of fresh ones (resident size stays at its peak;
+  # hade_jax/host_memory.py). No effect on the numbers.
+  keep_freed_memory: bool = True
 
   def __post_init__(self):
     p = fields.Problems(self)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from hade_jax import cli
+from hade_jax import cli, host_memory
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -34,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
   if rest:
     raise cli.UsageError(f"unexpected arguments: {rest}")
   cli.setup_logging()
+  if fv.config.keep_freed_memory:
+    host_memory.keep_freed_pages()
   cli.start_distributed(fv)
   from hade_jax import trainer  # after the flags: --help and usage errors answer at once
 
