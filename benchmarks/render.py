@@ -429,6 +429,10 @@ def targets_table(d: dict, targets: list[dict], machine: str = "",
       lines.append(f"| {t['name']} | not measured | {fmt(target)} | - | - | {where} |\n")
       continue
     value = values[t["measure"]]
+    if not math.isfinite(value):  # measured, but no point meets the target's condition
+      lines.append(f"| {t['name']} | no measured point qualifies | {fmt(target)} | missed | - | "
+                   f"{where} |\n")
+      continue
     higher = t["higher_is_better"]
     met = value >= target if higher else value <= target
     if higher:

@@ -234,3 +234,6 @@ def test_pair_score_rows_and_a_target_without_results():
       "pair_score": (pair_score.target_values(res), "m")}).splitlines()
   assert "| scoring | 50.0 s | 55.0 s | met | 5.0 s to spare | m |" in table
   assert "| gpu | not measured (no `compare_gpu` results) | 8.0 min | - | - | - |" in table
+  none = render.targets_table({}, targets[:1], sources={
+      "pair_score": ({"clotho_scoring_s": float("inf")}, "m")})
+  assert "| scoring | no measured point qualifies | 55.0 s | missed | - | m |" in none
