@@ -6,8 +6,6 @@ import platform
 import subprocess
 import sys
 
-import pytest
-
 PROGRAM = """
 import resource, sys
 import numpy as np
@@ -29,9 +27,11 @@ def _faults(mode: str) -> tuple[str, int]:
   return out[0], int(out[1])
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_kept_pages_are_reused_without_faults():
   applied, kept = _faults("keep")
+  if platform.libc_ver()[0] != "glibc":  # another malloc: nothing is set, nothing changes
+    assert applied == "False"
+    return
   _, default = _faults("default")
   assert applied == "True"
   # numpy asks for huge pages on large arrays: at least one fault per 2 MiB of each new block
