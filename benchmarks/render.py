@@ -580,7 +580,7 @@ def tables(results: dict[str, dict], targets: list[dict] | None = None) -> dict[
   if "compare_gpu" in results:
     res = results["compare_gpu"]
     sources["compare_gpu"] = ({"wall_min": res["wall_s"] / 60},
-                              res.get("device_kind") or f"{res['machine']['cpu']} + GPU")
+                              res["machine"].get("gpu") or f"{res['machine']['cpu']} + a GPU")
   for name in ("compare_cpu", "compare_gpu"):
     if name in results:
       out |= {f"{name}/{k}": v

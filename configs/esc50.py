@@ -19,7 +19,8 @@ The folder is prepared on the first run (data.prepare_if_missing); the official 
 download works too: --config.data.manual_dir=/path/to/ESC-50-master
 --config.data.folder_csv=meta/esc50.csv (then folds 1-5 exist; choose them with
 --config.data.folder_split_values.train="('1','2','3')" and so on).
-Ablations: --config=configs/esc50.py:ablation=global|tha|dcr|full|full_attention|full_gnce;
+Ablations: --config=configs/esc50.py:ablation=global|tha|dcr|full|full_attention|full_gnce|
+full_fix (configs/base.py ABLATIONS);
 the default is DEFAULT_ABLATION, the variant with the best validation metric over 3 seeds
 (RESULTS.md).
 """

@@ -162,6 +162,8 @@ def test_gpu_results_fill_their_own_tables_with_mfu_and_device_memory():
   res["memory"] = {k: {"peak_rss_mb": 3000.0, "peak_device_mb": 20_000.0}
                    for k in ("jax", "jax_full", "torch")} | {"peak": {"peak_rss_mb": 900.0}}
   res["check"] |= {"audio_min_cosine": 0.9991, "text_min_cosine": 0.9987}
+  res["machine"] = res["machine"] | {"gpu": "Test GPU 141 GB"}
+  res["wall_s"] = 360.0
   res["parts"] |= {"jax_dropout_rbg": {"median": 0.1, "min": 0.1, "max": 0.1, "n": 4},
                    "torch_dropout_rbg": {"median": 0.05, "min": 0.05, "max": 0.05, "n": 4}}
   text = render.add_gpu_markers(render.OUT.read_text())
@@ -175,6 +177,9 @@ def test_gpu_results_fill_their_own_tables_with_mfu_and_device_memory():
   assert "20,000 MB (host RSS 3,000 MB; XLA temporaries 100 MB)" in row
   assert "least cosine 0.9991" in gpu
   assert "`config.dropout_rng='rbg'`" in gpu
+  # The GPU target row (in every targets table) reads the run's wall time and names the GPU.
+  assert any(line.startswith("| GPU table:") and "| 6.0 min | 8.0 min | met |" in line
+             and "| Test GPU 141 GB |" in line for line in md.splitlines())
   # The CPU section keeps its own tables.
   cpu = md[:md.index(render.GPU_HEADING)]
   assert "fraction of JAX matmul peak | peak RSS |" in cpu
