@@ -52,6 +52,7 @@ D = 256
 NOISE, QUERY_NOISE = 0.7, 1.2  # eval_search.SyntheticIndex's clip and query noise
 SHORTLISTS = (100, 200, 500, 1000)
 NPROBES = (1, 4, 16, 64, 256)
+K_FACTORS = (1, 5, 20, 50)  # refined candidates per shortlisted clip (ann.AnnConfig.k_factor)
 TARGET_KEPT, TARGET_MS = 95.0, 50.0  # issue 17 item 3: >= 95 % of the exact top 10 in <= 50 ms
 SHARED_NOTE = ("measured while a training run used the same 2 cores: latencies and build times "
                "are upper bounds")
@@ -164,12 +165,14 @@ def _rerank(store, rows_QxS: np.ndarray, t_QxD: np.ndarray, k: int = 10) -> np.n
 
 
 def _sweep(shortlister, store, t_QxD, exact_QxK, lat_QxD) -> list[dict]:
-  """Recall and single-query latency for every (nprobe, S)."""
-  out = []
-  for nprobe in NPROBES:
-    shortlister.set_query_params(nprobe=nprobe)
-    rows_QxS, _ = shortlister.search(t_QxD, max(SHORTLISTS))
+  """Recall and single-query latency for every (nprobe, k_factor, S)."""
+  out, saved = [], shortlister.cfg
+  refined = shortlister._refine() is not None  # noqa: SLF001 (a benchmark of that module)
+  for nprobe, k_factor in [(p, k) for p in NPROBES for k in (K_FACTORS if refined else [1])]:
+    shortlister.set_query_params(nprobe=nprobe, k_factor=k_factor)
     for s in SHORTLISTS:
+      # With a refine, the candidates (k_factor x S) depend on S: search each S on its own.
+      rows_QxS, _ = shortlister.search(t_QxD, s)
       times = []
       for q in range(len(lat_QxD)):
         t0 = time.perf_counter()
@@ -177,12 +180,12 @@ def _sweep(shortlister, store, t_QxD, exact_QxK, lat_QxD) -> list[dict]:
         _rerank(store, rows, lat_QxD[q:q + 1])
         times.append(1e3 * (time.perf_counter() - t0))
       out.append({
-          "nprobe": nprobe, "shortlist": s,
+          "nprobe": nprobe, "k_factor": k_factor, "shortlist": s,
           "recall_top10": _kept(rows_QxS[:, :10], exact_QxK[:, :10]),
           "recall_topS": _kept(rows_QxS[:, :s], exact_QxK[:, :s]),
           "top10_kept": _kept(_rerank(store, rows_QxS[:, :s], t_QxD), exact_QxK[:, :10]),
           "p50_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90))})
-  shortlister.set_query_params(nprobe=shortlister.cfg.nprobe)
+  shortlister.set_query_params(nprobe=saved.nprobe, k_factor=saved.k_factor)
   return out
 
 
@@ -331,12 +334,13 @@ def sizes_table(res: dict) -> str:
   heads = res.get("heads")
   lines = ["| clips | FAISS index | build (train + add) | codes in memory | index file | "
            "exact shortlist p50 (S=100) | fastest point with >= 95 % of the exact top 10 "
-           "kept: nprobe, S | its shortlist p50 / p90 | + heads re-ranking of S (p50) | "
+           "kept: nprobe, k_factor, S | its shortlist p50 / p90 | + heads re-ranking of S (p50) | "
            "peak RSS |\n|---|---|---|---|---|---|---|---|---|---|\n"]
   for r in res["sizes"]:
     p = operating_point(r, heads)
     exact = _ms(r["exact_stage1"]["100"]["p50_ms"]) if "exact_stage1" in r else "(does not fit)"
-    point = (f"{p['nprobe']}, {p['shortlist']:,} | {_ms(p['p50_ms'])} / {_ms(p['p90_ms'])} | "
+    point = (f"{p['nprobe']}, {p.get('k_factor', '-')}, {p['shortlist']:,} | "
+             f"{_ms(p['p50_ms'])} / {_ms(p['p90_ms'])} | "
              + (_ms(p["query_ms"]) if heads else "-")) if p else "none | - | -"
     lines.append(f"| {r['clips']:,} | `{r['factory']}` | {r['build_s']:,.0f} s | "
                  f"{r['code_bytes_per_clip']:.0f} B/clip | {r['index_file_bytes'] / 2**20:,.0f} "
@@ -347,11 +351,12 @@ def sizes_table(res: dict) -> str:
 def sweep_table(res: dict) -> str:
   """The largest size's sweep: recall and latency per (nprobe, S)."""
   top = max(res["sizes"], key=lambda r: r["clips"])
-  lines = ["| nprobe | S | exact top 10 in the approximate top 10 | exact top S in the "
-           "approximate top S | exact top 10 kept after re-ranking the S | shortlist p50 | "
-           "p90 |\n|---|---|---|---|---|---|---|\n"]
+  lines = ["| nprobe | k_factor | S | exact top 10 in the approximate top 10 | exact top S in "
+           "the approximate top S | exact top 10 kept after re-ranking the S | shortlist p50 | "
+           "p90 |\n|---|---|---|---|---|---|---|---|\n"]
   for r in top["sweep"]:
-    lines.append(f"| {r['nprobe']} | {r['shortlist']:,} | {r['recall_top10']:.1f} % | "
+    lines.append(f"| {r['nprobe']} | {r.get('k_factor', '-')} | {r['shortlist']:,} | "
+                 f"{r['recall_top10']:.1f} % | "
                  f"{r['recall_topS']:.1f} % | {r['top10_kept']:.1f} % | {_ms(r['p50_ms'])} | "
                  f"{_ms(r['p90_ms'])} |\n")
   return "".join(lines)

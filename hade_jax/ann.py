@@ -10,6 +10,11 @@ approximate alternative, an inner-product FAISS index over the same normalised e
   query scans the clips of its `nprobe` nearest cells (a query-time setting). Above
   `HNSW_QUANTIZER_FROM` cells the cells are found by an HNSW graph over the centres, because
   adding 10^7 clips against 12,000 centres by brute force costs ~10^14 FLOP.
+  The shortlist is then refined (`refine`, default 'SQ8'): FAISS takes `k_factor` x S
+  candidates by their PQ similarity and re-orders them by a second, finer code of every clip
+  (8-bit scalar quantisation: 1 byte per dimension, 256 B per clip at D=256). At 10^7 clips
+  the 32-byte PQ codes alone cannot tell apart the near-ties of a dense cluster: re-ranking
+  even 1,000 of them by the exact cosine kept 93.8 % of the exact top 10 (BENCHMARKS.md).
 - 'hnsw': a graph over the full float32 embeddings (`hnsw_m` links per clip; `ef_search` at
   query time): more accurate and memory-hungry (over 1 KB per clip), optional.
 
@@ -30,6 +35,7 @@ from collections.abc import Iterable
 import numpy as np
 
 KINDS = ("ivfpq", "hnsw")
+REFINES = ("", "SQ8", "SQfp16", "Flat")  # ivfpq refinement codes ('': none), FAISS's names
 # Where the exact shortlist stops winning (BENCHMARKS.md, "Search past 10^7 clips"): it loses
 # nothing, and below ~10^5 clips it costs less than the full re-ranking of its S=100 clips
 # (quiet 2 cores: ~16 ms at 10^5, 37 ms at 10^6, against 14 ms of re-ranking), while IVF-PQ
@@ -48,6 +54,9 @@ class AnnConfig:
     pq_bytes: ivfpq bytes per clip code (a divisor of the width D: D / pq_bytes dims per byte;
       corpora under 256 clips get fewer bits per sub-vector).
     nprobe: ivfpq cells scanned per query (query time: more = slower, higher recall).
+    refine: ivfpq's second code per clip that re-orders the PQ candidates (one of REFINES;
+      '' for none): 'SQ8' 1 byte per dimension, 'SQfp16' 2, 'Flat' the float32 vector.
+    k_factor: ivfpq with refine: candidates per shortlisted clip re-ordered (query time).
     hnsw_m: hnsw links per clip.
     ef_search: hnsw candidates kept while searching (query time), at least the shortlist.
     train_size: most clips the k-means centres and PQ codebooks are trained on.
@@ -57,6 +66,8 @@ class AnnConfig:
   nlist: int = 0
   pq_bytes: int = 32
   nprobe: int = 32
+  refine: str = "SQ8"
+  k_factor: int = 20
   hnsw_m: int = 32
   ef_search: int = 128
   train_size: int = 200_000
@@ -64,7 +75,10 @@ class AnnConfig:
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"ann kind {self.kind!r}: choose one of {', '.join(KINDS)}")
-    for name in ("pq_bytes", "nprobe", "hnsw_m", "ef_search", "train_size"):
+    if self.refine not in REFINES:
+      raise ValueError(f"ann refine {self.refine!r}: choose one of "
+                       f"{', '.join(repr(r) for r in REFINES)}")
+    for name in ("pq_bytes", "nprobe", "k_factor", "hnsw_m", "ef_search", "train_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"ann {name}={getattr(self, name)}: must be at least 1")
 
@@ -104,7 +118,8 @@ def factory_string(cfg: AnnConfig, n: int, d: int) -> str:
   quantizer = "_HNSW32" if cells >= HNSW_QUANTIZER_FROM else ""
   # 8-bit codes (256 centres per sub-vector) need 256 training clips; fewer get fewer bits.
   bits = min(8, max(1, int(math.log2(max(2, min(n, cfg.train_size))))))
-  return f"IVF{cells}{quantizer},PQ{cfg.pq_bytes}x{bits}"
+  refine = f",Refine({cfg.refine})" if cfg.refine else ""
+  return f"IVF{cells}{quantizer},PQ{cfg.pq_bytes}x{bits}{refine}"
 
 
 class Shortlister:
@@ -117,13 +132,26 @@ class Shortlister:
   def __len__(self) -> int:
     return int(self.index.ntotal)
 
-  def set_query_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
-    """The query-time settings: ivfpq cells scanned, hnsw candidates kept."""
+  def _refine(self):
+    """The FAISS IndexRefine wrapping the IVF-PQ index, or None (no refinement)."""
+    faiss = _faiss()
+    index = faiss.downcast_index(self.index)
+    return index if isinstance(index, faiss.IndexRefine) else None
+
+  def set_query_params(self, nprobe: int | None = None, ef_search: int | None = None,
+                       k_factor: int | None = None) -> None:
+    """The query-time settings: ivfpq cells scanned and refined candidates per result, hnsw
+    candidates kept."""
     faiss = _faiss()
     if nprobe:
       self.cfg = dataclasses.replace(self.cfg, nprobe=nprobe)
     if ef_search:
       self.cfg = dataclasses.replace(self.cfg, ef_search=ef_search)
+    if k_factor:
+      self.cfg = dataclasses.replace(self.cfg, k_factor=k_factor)
+    refine = self._refine()
+    if refine is not None:
+      refine.k_factor = float(self.cfg.k_factor)
     if self.cfg.kind == "ivfpq":
       ivf = faiss.extract_index_ivf(self.index)
       ivf.nprobe = min(self.cfg.nprobe, ivf.nlist)
@@ -143,7 +171,7 @@ class Shortlister:
     index = faiss.index_factory(d, factory_string(cfg, n, d), faiss.METRIC_INNER_PRODUCT)
     sample = normalized(sample_NxD[:cfg.train_size])
     if cfg.kind == "ivfpq":
-      ivf = faiss.downcast_index(index)
+      ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
       # Polysemous codes only serve Hamming pre-filtering, which search does not use, and
       # train for minutes; 10 k-means rounds for the codebooks (FAISS: 25) bound training time.
       ivf.do_polysemous_training = False
@@ -182,8 +210,10 @@ class Shortlister:
 
   def code_bytes_per_clip(self) -> float:
     """Bytes per clip of the index in memory: codes, ids and graph links (not the centres)."""
-    if self.cfg.kind == "ivfpq":  # the code and the clip's int64 id in its list
-      return float(_faiss().extract_index_ivf(self.index).code_size + 8)
+    if self.cfg.kind == "ivfpq":  # the code and the clip's int64 id in its list, the refine code
+      refine = self._refine()
+      extra = refine.refine_index.sa_code_size() if refine is not None else 0
+      return float(_faiss().extract_index_ivf(self.index).code_size + 8 + extra)
     d = self.index.d
     return 4.0 * d + 4.0 * 2 * self.cfg.hnsw_m  # the float32 vector and its level-0 links
 

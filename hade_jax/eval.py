@@ -62,6 +62,7 @@ from hade_jax import (
   distributed,
   evaluator,
   hade,
+  host_memory,
   metrics,
   paths,
   tokenizer,
@@ -383,6 +384,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
   # Every process runs this same command; they share the device work, process 0 writes.
   cli.start_distributed(fv)
   config = cli.model_config(fv)
+  if config is None or config.get("keep_freed_memory", True):
+    host_memory.keep_freed_pages()  # the scoring's tiles reuse their pages, as training steps
   step_dir = checkpoints.step_dir(fv.checkpoint, fv.which)
   config = crop_config(config, step_dir, fv.eval_crop, fv.window_hop_seconds)
   out = fv.out

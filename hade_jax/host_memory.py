@@ -7,9 +7,11 @@ pages again: on the comparison's CPU step (benchmarks/compare.py, batch 8) that 
 minor page faults, 2.9 GiB of pages zeroed by the kernel, per step. Telling malloc to serve
 every block from one heap and never give it back makes the step reuse its pages: 0 faults per
 step. The cost is a resident size that stays at its peak, which a training process reaches on
-its first step anyway. `TrainConfig.keep_freed_memory` (default on) decides; the train command
-applies it before the first step (`python -m hade_jax.train`, hence `ablate` and the
-launchers), not the library, so a notebook or a test process keeps the default malloc.
+its first step anyway. All-pairs scoring gains the same way (its tiles' temporaries, tens of MB
+each). `TrainConfig.keep_freed_memory` (default on) decides; the train and eval commands apply
+it before any work (`python -m hade_jax.train`, hence `ablate` and the launchers, and
+`python -m hade_jax.eval`), not the library, so a notebook or a test process keeps the default
+malloc.
 """
 
 from __future__ import annotations

@@ -140,6 +140,34 @@ def num_rows(features) -> int:
   return jax.tree.leaves(features)[0].shape[0]
 
 
+# All-pairs scoring orders the captions by length and cuts each text tile's word axis to its
+# longest caption rounded up to WORD_BUCKET words: the word-frame products skip padding words.
+# Exact, since padding words never count (they have weight 0 and never win a maximum; for
+# 'attention' their softmax weight is exactly 0). A multiple of 8 bounds the compiled tile
+# shapes to max_text_len / 8 and keeps the products' columns aligned. [choice]
+WORD_BUCKET = 8
+
+
+def text_widths(text: hade_heads.TextFeatures) -> np.ndarray:
+  """[T] the last valid word's position + 1 over every level (at least 1)."""
+  width_T = np.ones(num_rows(text), np.int64)
+  for mask_TxM in text.level_masks:
+    mask_TxM = np.asarray(mask_TxM)
+    last_T = mask_TxM.shape[1] - np.argmax(mask_TxM[:, ::-1], axis=1)
+    width_T = np.maximum(width_T, np.where(mask_TxM.any(axis=1), last_T, 1))
+  return width_T
+
+
+def crop_words(text: hade_heads.TextFeatures) -> hade_heads.TextFeatures:
+  """`text` with every level's word axis cut to its longest caption, rounded to WORD_BUCKET."""
+  width = _round_up(int(text_widths(text).max()), WORD_BUCKET)
+  if all(x.shape[1] <= width for x in text.level_masks):
+    return text
+  cut = lambda levels: tuple(x[:, :width] for x in levels)  # noqa: E731
+  return text.replace(levels=cut(text.levels), level_masks=cut(text.level_masks),
+                      level_logits=cut(text.level_logits))
+
+
 class _Structure:
   """A model's graphdef as a static jit argument: equal structures share compiled code."""
 
@@ -295,15 +323,21 @@ class Encoder:
     """
     size = _round_up(num_rows(audio), self.num_devices)
     a = jax.tree.map(lambda x: _put(_pad_rows(np.asarray(x), size), self.rows), audio)
-    t = jax.tree.map(lambda x: _put(np.asarray(x), self.replicated), text)
+    t = jax.tree.map(lambda x: _put(np.asarray(x), self.replicated),
+                     crop_words(jax.tree.map(np.asarray, text)))
     return self._score(self.state, a, t)
 
   def score(self, audio: hade_heads.AudioFeatures, text: hade_heads.TextFeatures, *,
             tile: int = 256, tile_text: int | None = None) -> np.ndarray:
     """[A, T] scores of all pairs, in tiles of `tile` clips x `tile_text` (default `tile`)
-    captions, the clips of a tile split over the devices."""
-    return score_tiled(self.score_tile, audio, text, tile_audio=tile, tile_text=tile_text,
-                       align=self.num_devices)
+    captions, the clips of a tile split over the devices; captions of similar length share a
+    tile (WORD_BUCKET)."""
+    order_T = np.argsort(text_widths(text), kind="stable")
+    text = jax.tree.map(lambda x: np.asarray(x)[order_T], text)
+    scores_AxT = np.empty((num_rows(audio), len(order_T)), np.float32)
+    scores_AxT[:, order_T] = score_tiled(self.score_tile, audio, text, tile_audio=tile,
+                                         tile_text=tile_text or tile, align=self.num_devices)
+    return scores_AxT
 
   def rerank(self, audio_QxS, text_Q) -> np.ndarray:
     """[Q, S] full scores of each query's own S clips (leaves [Q, S, ...] and [Q, ...])."""

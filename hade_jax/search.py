@@ -3,7 +3,8 @@
   python -m hade_jax.search index --workdir=/tmp/hade_demo --audio_dir=~/sounds --out=~/idx
   python -m hade_jax.search query --index=~/idx "a dog barks while cars pass" [--k=10]
   python -m hade_jax.search verify --index=~/idx
-  python -m hade_jax.search ann --index=~/idx [--kind=ivfpq --pq_bytes=32 --nprobe=32]
+  python -m hade_jax.search ann --index=~/idx [--kind=ivfpq --pq_bytes=32 --nprobe=32
+                                              --refine=SQ8 --k_factor=20]
 
 `index` embeds every audio file under `--audio_dir` (recursively; any format soundfile reads)
 with a progress bar. The features each clip needs for the full HADE score (global embedding,
@@ -803,7 +804,8 @@ SUBCOMMAND_FLAGS = {  # besides --verbose and the multi-process flags, which bot
               "batch_size", "shard_size", "no_progress"},
     "query": {"index", "k", "shortlist", "compare", "repeat", "exact", "nprobe"},
     "verify": {"index"},
-    "ann": {"index", "kind", "nlist", "pq_bytes", "nprobe", "hnsw_m", "train_size"},
+    "ann": {"index", "kind", "nlist", "pq_bytes", "nprobe", "refine", "k_factor", "hnsw_m",
+            "train_size"},
 }
 
 
@@ -833,6 +835,10 @@ def define_flags(fv: flags.FlagValues) -> None:
                        flag_values=fv)
   flags.DEFINE_integer("pq_bytes", ann.AnnConfig.pq_bytes, "ann: PQ code bytes per clip.",
                        lower_bound=1, flag_values=fv)
+  flags.DEFINE_enum("refine", ann.AnnConfig.refine, list(ann.REFINES), "ann: the second code "
+                    "per clip that re-orders the PQ candidates ('' for none).", flag_values=fv)
+  flags.DEFINE_integer("k_factor", ann.AnnConfig.k_factor, "ann: PQ candidates re-ordered per "
+                       "shortlisted clip (with --refine).", lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("hnsw_m", ann.AnnConfig.hnsw_m, "ann: HNSW links per clip (kind=hnsw).",
                        lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("train_size", ann.AnnConfig.train_size, "ann: most clips trained on.",
@@ -876,8 +882,8 @@ def main(argv: Sequence[str] | None = None):
   if command == "ann":
     index = Index(fv.index)
     cfg = ann.AnnConfig(kind=fv.kind, nlist=fv.nlist, pq_bytes=fv.pq_bytes,
-                        nprobe=fv.nprobe or ann.AnnConfig.nprobe, hnsw_m=fv.hnsw_m,
-                        train_size=fv.train_size)
+                        nprobe=fv.nprobe or ann.AnnConfig.nprobe, refine=fv.refine,
+                        k_factor=fv.k_factor, hnsw_m=fv.hnsw_m, train_size=fv.train_size)
     shortlister = build_ann(index, cfg)
     print(f"index {index.path}: {cfg.kind} shortlist of {len(shortlister)} clips "
           f"({shortlister.code_bytes_per_clip():.0f} bytes per clip) in {index.path / ANN_FILE}")

@@ -47,6 +47,40 @@ def test_ivfpq_shortlist_holds_the_exact_top_k_with_every_cell_probed():
   assert error.mean() < 0.05 and error.max() < 0.2
 
 
+def test_the_refine_code_reorders_the_candidates_by_a_finer_cosine():
+  # 4-byte PQ codes of 32 dims are coarse. A refine re-orders k_factor x S of their candidates
+  # by a finer code: the float vectors ('Flat') give the exact top 5 in the exact order, 1 byte
+  # per dimension ('SQ8', the default) nearly so, both far better than the PQ order.
+  x, t = clustered()
+  want, sims = exact_top(x, t, 5)
+  coarse = build(x, nlist=8, pq_bytes=4, nprobe=8, refine="")
+  flat = build(x, nlist=8, pq_bytes=4, nprobe=8, refine="Flat", k_factor=40)
+  sq8 = build(x, nlist=8, pq_bytes=4, nprobe=8, k_factor=40)
+  assert "Refine(SQ8)" in ann.factory_string(sq8.cfg, len(x), x.shape[1])
+  assert flat.code_bytes_per_clip() == coarse.code_bytes_per_clip() + 4 * x.shape[1]
+  assert sq8.code_bytes_per_clip() == coarse.code_bytes_per_clip() + x.shape[1]
+  rows, approx = flat.search(t, 5)
+  np.testing.assert_array_equal(rows, want)
+  np.testing.assert_allclose(approx, np.take_along_axis(sims, rows, 1), atol=1e-5)
+
+  def kept(s):
+    return np.mean([len(set(r) & set(w)) / 5 for r, w in zip(s.search(t, 5)[0], want,
+                                                               strict=True)])
+
+  assert kept(sq8) >= 0.9 and kept(coarse) < kept(sq8) - 0.1
+  # k_factor is a query-time setting: 1 re-orders only the S PQ candidates themselves.
+  sq8.set_query_params(k_factor=1)
+  assert faiss_k_factor(sq8) == 1.0 and sq8.cfg.k_factor == 1
+  with pytest.raises(ValueError, match="ann refine 'PQ4': choose one of"):
+    ann.AnnConfig(refine="PQ4")
+
+
+def faiss_k_factor(shortlister) -> float:
+  import faiss
+
+  return faiss.downcast_index(shortlister.index).k_factor
+
+
 def test_hnsw_returns_the_exact_top_k_and_cosines():
   x, t = clustered(n=800)
   want, sims = exact_top(x, t, 10)
@@ -94,9 +128,10 @@ def test_index_cli_builds_and_queries_the_shortlist(model, corpus, tmp_path, cap
   out = tmp_path / "index"
   index = search.build_index(model, corpus, out, progress=False)
   n = len(index)
-  search.main(["ann", f"--index={out}", "--pq_bytes=4"])
+  search.main(["ann", f"--index={out}", "--pq_bytes=4", "--k_factor=8"])
   manifest = json.loads((out / search.MANIFEST).read_text())
   assert manifest["ann"]["num_clips"] == n and manifest["ann"]["config"]["kind"] == "ivfpq"
+  assert manifest["ann"]["config"]["refine"] == "SQ8" and manifest["ann"]["config"]["k_factor"] == 8
   assert search.verify_index(out) == []
   capsys.readouterr()
   approx = search.main(["query", f"--index={out}", "--k=3", f"--shortlist={n}", QUERIES[0]])

@@ -217,19 +217,23 @@ def test_pair_score_reference_and_layouts_score_alike():
 def test_pair_score_rows_and_a_target_without_results():
   from benchmarks import pair_score
 
-  def run(impl, seconds):
-    return {"impl": impl, "score_s": seconds, "tha_gflops": 100 / seconds, "matmul_gflops": 4.0,
-            "bf16_matmul_gflops": None, "agreement": {
+  def run(impl, seconds, executed=100.0):  # executed: GFLOP run (the cut tiles run fewer)
+    return {"impl": impl, "score_s": seconds, "tha_gflops": 100 / seconds,
+            "executed_gflops": executed / seconds, "matmul_gflops": 4.0,
+            "fraction_of_peak": executed / seconds / 4.0, "bf16_matmul_gflops": None,
+            "agreement": {
                 "max_abs_diff": 0.0, "top10_kept": 100.0,
                 "recall_change": {"R@1": 0.0, "R@10": 0.0}}}
 
   res = {"machine": "m", "quick": False, "tile": 128, "date": "2026-11-30T00:00:00",
          "load_before": 0.1, "load_after": 0.2,
-         "runs": [run("jax_plain", 100.0), run("jax", 50.0), run("torch", 80.0)]}
+         "runs": [run("jax_plain", 100.0), run("jax", 50.0, executed=60.0),
+                  run("torch", 80.0)]}
   rows = pair_score.table(res).splitlines()
-  assert next(r for r in rows if r.startswith("| jax |")).startswith("| jax | 50.0 | 2.00x | 1.60x")
+  assert next(r for r in rows if r.startswith("| jax |")).startswith(
+      "| jax | 50.0 | 2.00x | 1.60x | 2 | 1 | 30 % of 4 |")
   assert pair_score.target_values(res) == {"clotho_scoring_s": 50.0,
-                                           "clotho_scoring_peak_fraction": 0.5}
+                                           "clotho_scoring_peak_fraction": 0.3}
   assert pair_score.target_values(res | {"quick": True}) == {}
   targets = [{"name": "scoring", "source": "pair_score", "measure": "clotho_scoring_s",
               "target": 55.0, "unit": "s", "higher_is_better": False},

@@ -287,3 +287,25 @@ def test_global_nce_weight_adds_an_info_nce_on_the_global_cosine(variant):
   assert "loss_global_nce" not in m0
   np.testing.assert_allclose(m1["loss_global_nce"], want, rtol=1e-5)
   np.testing.assert_allclose(got, base + 0.5 * want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["tokens_none", "attention_none", "pooled_sigmoid_cls"])
+def test_cutting_padding_words_keeps_every_score(variant, monkeypatch):
+  # retrieval cuts a text tile's word axis to its longest caption (rounded to WORD_BUCKET):
+  # padding words never count, so the scores stay those of the full width.
+  from hade_jax import retrieval
+
+  monkeypatch.setattr(retrieval, "WORD_BUCKET", 2)
+  model = make_heads(make_cfg(**VARIANTS[variant]))
+  a, t = features(model, encoder_outputs(seed=3, lengths=(3, 1, 2, 3, 1, 2)))
+  host = jax.tree.map(np.asarray, t)
+  pooled = variant.startswith("pooled")  # one token per caption: nothing to cut
+  np.testing.assert_array_equal(retrieval.text_widths(host),
+                                [1] * T if pooled else [3, 1, 2, 3, 1, 2])
+  cut = retrieval.crop_words(host)
+  assert [x.shape[1] for x in cut.levels] == [1 if pooled else 4] * len(cut.levels)
+  assert [x.shape[1] for x in cut.level_masks] == [x.shape[1] for x in cut.levels]
+  full = model.score(a, t, blocked=True)
+  short = model.score(a, jax.tree.map(jnp.asarray, cut), blocked=True)
+  for key in ("total", "tha", "levels"):
+    np.testing.assert_allclose(short[key], full[key], atol=1e-6, err_msg=key)

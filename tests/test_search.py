@@ -82,6 +82,26 @@ def test_sharded_tiles_equal_untiled_and_one_device(model):
                jax.tree.map(np.asarray, direct))
 
 
+def test_captions_are_scored_by_length_in_cut_tiles(model, monkeypatch):
+  # Encoder.score orders the captions by length and cuts each text tile to its longest
+  # caption (rounded up to WORD_BUCKET words): fewer words multiplied, the same scores.
+  texts = ["rain", "a dog barks twice while many cars pass by on a wet road",
+           "a high tone", "hum", "someone claps twice in a small room", "wind"]
+  audio, text = random_features(model, 5, texts, seed=6)
+  full_width = text.levels[0].shape[1]
+  widths = retrieval.text_widths(text)
+  np.testing.assert_array_equal(widths, np.asarray(text.level_masks[0]).sum(1))
+  seen = []
+  score = model.encoder._score
+  monkeypatch.setattr(model.encoder, "_score",
+                      lambda s, a, t: seen.append(t.levels[0].shape[1]) or score(s, a, t))
+  got = model.encoder.score(audio, text, tile=5, tile_text=3)
+  short = sorted(widths)[2]  # the three shortest captions share the first tile
+  assert seen == [-(-short // retrieval.WORD_BUCKET) * retrieval.WORD_BUCKET, full_width]
+  np.testing.assert_allclose(got, retrieval.score_untiled(model.model, audio, text),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_two_stage_with_the_whole_corpus_equals_exhaustive(model):
   audio, text = random_features(model, 19, QUERIES, seed=2)
   index = retrieval.MemoryIndex(audio)
