@@ -3,7 +3,7 @@
   python -m hade_jax.search index --workdir=/tmp/hade_demo --audio_dir=~/sounds --out=~/idx
   python -m hade_jax.search query --index=~/idx "a dog barks while cars pass" [--k=10]
   python -m hade_jax.search verify --index=~/idx
-  python -m hade_jax.search ann --index=~/idx [--kind=ivfpq --pq_bytes=32 --nprobe=32
+  python -m hade_jax.search ann --index=~/idx [--kind=ivfpq --pq_bytes=32 --nprobe=64
                                               --refine=SQ8 --k_factor=20]
 
 `index` embeds every audio file under `--audio_dir` (recursively; any format soundfile reads)
