@@ -66,7 +66,8 @@ class Spec:
   # '--xla_cpu_use_thunk_runtime=false': the same run measures PyTorch beside them.
   jax_xla_flags: str = ""
   # hade_jax's config.keep_freed_memory (hade_jax/host_memory.py), applied in the JAX workers as
-  # the train command applies it.
+  # the train command applies it. On here (the trainer's default is off): this step runs
+  # faster with it, the demo slower.
   keep_freed_memory: bool = True
 
   @property

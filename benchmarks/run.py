@@ -149,8 +149,8 @@ def main(argv=None):
                       help="compare: extra XLA_FLAGS of the JAX workers, e.g. "
                            "'--xla_cpu_use_thunk_runtime=false' (PyTorch runs beside them)")
   parser.add_argument("--keep_freed_memory", default="true", choices=("true", "false"),
-                      help="compare: hade_jax's config.keep_freed_memory (the trainer's default: "
-                           "true)")
+                      help="compare: hade_jax's config.keep_freed_memory (the trainer's default "
+                           "is false; this step runs faster with true)")
   parser.add_argument("--results_name", default="",
                       help="compare: save as benchmarks/results/NAME.json (default compare_DEVICE, "
                            "the file BENCHMARKS.md's tables read; another name keeps a variant's "

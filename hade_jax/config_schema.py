@@ -280,9 +280,10 @@ class TrainConfig:
   # them about 1.6x faster on a CPU but, sharded, every device draws the whole batch's masks.
   dropout_rng: str = "threefry2x32"
   # The train command makes glibc's malloc keep the host memory it frees, so a CPU step reuses
-  # its pages instead of faulting in GiBs of fresh ones (resident size stays at its peak;
-  # hade_jax/host_memory.py). No effect on the numbers.
-  keep_freed_memory: bool = True
+  # its pages instead of faulting in GiBs of fresh ones (resident size stays at its peak). Off:
+  # it sped up the benchmark's batch-8 step but slowed the demo 1.29x (hade_jax/host_memory.py).
+  # No effect on the numbers.
+  keep_freed_memory: bool = False
 
   def __post_init__(self):
     p = fields.Problems(self)

@@ -384,8 +384,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
   # Every process runs this same command; they share the device work, process 0 writes.
   cli.start_distributed(fv)
   config = cli.model_config(fv)
-  if config is None or config.get("keep_freed_memory", True):
-    host_memory.keep_freed_pages()  # the scoring's tiles reuse their pages, as training steps
+  host_memory.keep_freed_pages()  # the scoring's tiles reuse their pages (host_memory.py)
   step_dir = checkpoints.step_dir(fv.checkpoint, fv.which)
   config = crop_config(config, step_dir, fv.eval_crop, fv.window_hop_seconds)
   out = fv.out

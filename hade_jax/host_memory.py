@@ -6,12 +6,15 @@ mmap threshold are unmapped; the top of the heap is trimmed), so the next step t
 pages again: on the comparison's CPU step (benchmarks/compare.py, batch 8) that was ~750,000
 minor page faults, 2.9 GiB of pages zeroed by the kernel, per step. Telling malloc to serve
 every block from one heap and never give it back makes the step reuse its pages: 0 faults per
-step. The cost is a resident size that stays at its peak, which a training process reaches on
-its first step anyway. All-pairs scoring gains the same way (its tiles' temporaries, tens of MB
-each). `TrainConfig.keep_freed_memory` (default on) decides; the train and eval commands apply
-it before any work (`python -m hade_jax.train`, hence `ablate` and the launchers, and
-`python -m hade_jax.eval`), not the library, so a notebook or a test process keeps the default
-malloc.
+step, and that step ran at 0.95x PyTorch instead of 0.92x (BENCHMARKS.md, "Fresh pages");
+all-pairs scoring ran faster too (consecutive `benchmarks.pair_score --quick` runs: today's
+formula 6.9 -> 4.2 s; the full-size benchmark runs every process with it). But the demo's
+training ran 1.29x slower with it (15:00 of wall clock against 11:38 with glibc's defaults, one
+run each, one after the other), and a variant with a heap per thread (no arena_max) ran the demo
+in 9:38 but the comparison's step at 0.59x. So the eval command applies it (`python -m
+hade_jax.eval`) and training only when asked: `TrainConfig.keep_freed_memory` (default off; the
+train command, hence `ablate` and the launchers). The library never applies it, so a notebook or
+a test process keeps the default malloc. The cost is a resident size that stays at its peak.
 """
 
 from __future__ import annotations
