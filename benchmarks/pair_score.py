@@ -24,8 +24,8 @@ another in one run:
   jax_bf16    hade_jax with the level tokens in bfloat16 (XLA:CPU has no AMX path, so this
               measures whether halving the memory traffic helps)
 
-Every process keeps the host memory it frees (hade_jax/host_memory.py, as the train and eval
-commands do), so no implementation pays for fresh pages per tile. Every process measures its
+Every process keeps the host memory it frees (hade_jax/host_memory.py, as the eval
+command does), so no implementation pays for fresh pages per tile. Every process measures its
 own matmul peak (2,048^3 float32, and bfloat16 for the bf16 runs)
 before and after scoring, so the fraction of peak is against what that process could get.
 Scores are compared with `jax_plain` (max abs difference) and so are the rankings (for each
