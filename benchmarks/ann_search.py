@@ -167,7 +167,7 @@ def _rerank(store, rows_QxS: np.ndarray, t_QxD: np.ndarray, k: int = 10) -> np.n
 def _sweep(shortlister, store, t_QxD, exact_QxK, lat_QxD) -> list[dict]:
   """Recall and single-query latency for every (nprobe, k_factor, S)."""
   out, saved = [], shortlister.cfg
-  refined = shortlister._refine() is not None  # noqa: SLF001 (a benchmark of that module)
+  refined = bool(saved.refine)  # the shortlister was just built with this config
   for nprobe, k_factor in [(p, k) for p in NPROBES for k in (K_FACTORS if refined else [1])]:
     shortlister.set_query_params(nprobe=nprobe, k_factor=k_factor)
     for s in SHORTLISTS:

@@ -109,15 +109,20 @@ def _jax_scorer(impl: str, model) -> Callable:
                                                          text, tile=tile)
 
 
-def executed_flop(impl: str, text, clips: int, tile: int) -> float:
-  """The THA products `impl` executes: the full width, or each sorted text tile's cut width."""
+def _text_tiles(text, tile: int) -> list[tuple[np.ndarray, int]]:
+  """(rows, cut width) of each text tile `retrieval.Encoder.score` runs on `text`."""
   from hade_jax import retrieval
 
+  widths, order = retrieval.text_widths(text), retrieval.length_order(text)
+  return [(rows, retrieval.cut_width(widths[rows]))
+          for rows in np.split(order, range(tile, len(order), tile))]
+
+
+def executed_flop(impl: str, text, clips: int, tile: int) -> float:
+  """The THA products `impl` executes: the full width, or each sorted text tile's cut width."""
   if impl not in ("jax", "jax_bf16"):
     return tha_flop(clips, len(text.global_TxD))
-  widths = np.sort(retrieval.text_widths(text))
-  words = sum(len(w) * retrieval._round_up(int(w.max()), retrieval.WORD_BUCKET)
-              for w in np.split(widths, range(tile, len(widths), tile)))
+  words = sum(len(rows) * width for rows, width in _text_tiles(text, tile))
   return tha_flop(clips, words) / eval_search.WORDS
 
 
@@ -141,15 +146,9 @@ def run_jax(impl: str, audio, text, tile: int) -> tuple[np.ndarray, dict]:
 
 def _bucket_heads(text, tile: int) -> list[np.ndarray]:
   """Row sets of `tile` captions, one per text tile shape the scoring will meet."""
-  from hade_jax import retrieval
-
-  order = np.argsort(retrieval.text_widths(text), kind="stable")
-  tiles = [order[i:i + tile] for i in range(0, len(order), tile)]
-  widths = [retrieval._round_up(int(retrieval.text_widths(text)[t].max()),
-                                retrieval.WORD_BUCKET) for t in tiles]
   seen: dict[int, np.ndarray] = {}
-  for rows, w in zip(tiles, widths, strict=True):
-    seen.setdefault(w, rows)
+  for rows, width in _text_tiles(text, tile):
+    seen.setdefault(width, rows)
   return list(seen.values())
 
 

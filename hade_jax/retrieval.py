@@ -158,9 +158,19 @@ def text_widths(text: hade_heads.TextFeatures) -> np.ndarray:
   return width_T
 
 
+def length_order(text: hade_heads.TextFeatures) -> np.ndarray:
+  """[T] the captions' order by `text_widths` (stable): the order all-pairs scoring tiles them."""
+  return np.argsort(text_widths(text), kind="stable")
+
+
+def cut_width(widths_T: np.ndarray) -> int:
+  """The word width a text tile of these `text_widths` is cut to."""
+  return _round_up(int(np.max(widths_T)), WORD_BUCKET)
+
+
 def crop_words(text: hade_heads.TextFeatures) -> hade_heads.TextFeatures:
   """`text` with every level's word axis cut to its longest caption, rounded to WORD_BUCKET."""
-  width = _round_up(int(text_widths(text).max()), WORD_BUCKET)
+  width = cut_width(text_widths(text))
   if all(x.shape[1] <= width for x in text.level_masks):
     return text
   cut = lambda levels: tuple(x[:, :width] for x in levels)  # noqa: E731
@@ -332,7 +342,7 @@ class Encoder:
     """[A, T] scores of all pairs, in tiles of `tile` clips x `tile_text` (default `tile`)
     captions, the clips of a tile split over the devices; captions of similar length share a
     tile (WORD_BUCKET)."""
-    order_T = np.argsort(text_widths(text), kind="stable")
+    order_T = length_order(text)
     text = jax.tree.map(lambda x: np.asarray(x)[order_T], text)
     scores_AxT = np.empty((num_rows(audio), len(order_T)), np.float32)
     scores_AxT[:, order_T] = score_tiled(self.score_tile, audio, text, tile_audio=tile,
