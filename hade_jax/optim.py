@@ -42,6 +42,14 @@ def group_labels(params, rules: Sequence[tuple[str, str]]):
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+def frozen_mask(params, config: config_schema.OptimConfig | Mapping[str, Any]):
+  """Pytree of bools shaped like `params`: True for the parameters of a `frozen` group, which
+  the optimizer never updates (the training step takes no gradient of them)."""
+  config = optim_config(config)
+  frozen = set(config.frozen)
+  return jax.tree.map(lambda group: group in frozen, group_labels(params, config.groups))
+
+
 def optim_config(section: config_schema.OptimConfig | Mapping[str, Any]
                  ) -> config_schema.OptimConfig:
   """`config.optim` (a ConfigDict, a mapping or the section itself) as its checked section."""

@@ -73,7 +73,7 @@ class NonFiniteError(FloatingPointError):
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses.LossConfig,
                     spec_augment: bool, skip_nonfinite: bool = False,
-                    dropout_rng: str = "threefry2x32"):
+                    dropout_rng: str = "threefry2x32", frozen_of: Callable | None = None):
   """A pure function (seed, state, batch) -> (state, metrics), compiled once by the caller.
 
   The seed (an int32 scalar, `step_seed`) is an argument, not a constant of the program, so
@@ -84,7 +84,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses
   `skip_nonfinite` a step where they are not keeps the old parameters, optimizer
   state and batch-norm statistics (only the step counter advances, with the data).
   `dropout_rng` is the PRNG implementation of the dropout masks
-  (`config_schema.DROPOUT_RNGS`, `config.dropout_rng`).
+  (`config_schema.DROPOUT_RNGS`, `config.dropout_rng`). `frozen_of(params)` (optional) is the
+  pytree of bools of the parameters the optimizer never updates (`optim.frozen_mask`): the
+  step takes no gradient of them, so a frozen tower runs forward only (its backward was work
+  whose result the optimizer zeroed); their gradients are zeros, in `grad_norm` too.
   """
 
   def train_step(seed: jax.Array, state: train_state.TrainState, batch: dict[str, jax.Array]):
@@ -94,6 +97,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses
     rng = jax.random.fold_in(base_rng, state.step)
 
     def loss_fn(params, rest):
+      if frozen_of is not None:
+        params = jax.tree.map(lambda p, frozen: jax.lax.stop_gradient(p) if frozen else p,
+                              params, frozen_of(params))
       # Fresh Variables (copy=True) belong to this trace, so the batch norm may update them.
       model = nnx.merge(graphdef, params, rest, copy=True)
       model.train()  # HTS-AT's input batch norm uses (and updates) batch statistics
@@ -140,12 +146,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_cfg: losses
 def train_step_of_config(config: ml_collections.ConfigDict, graphdef,
                          tx: optax.GradientTransformation):
   """`make_train_step` as `config` asks for it (loss, SpecAugment, non-finite policy, dropout
-  PRNG): the step `train_and_evaluate` runs, for the trainer and the benchmarks alike; its
-  first argument is `step_seed(config, mesh)`."""
+  PRNG, no gradients of `config.optim.frozen` groups): the step `train_and_evaluate` runs,
+  for the trainer and the benchmarks alike; its first argument is `step_seed(config, mesh)`."""
   loss_cfg = losses.LossConfig(**config.loss.to_dict())
+  optim_cfg = optim.optim_config(config.optim)
   return make_train_step(graphdef, tx, loss_cfg, bool(config.data.spec_augment),
                          skip_nonfinite=bool(config.skip_nonfinite_steps),
-                         dropout_rng=config.dropout_rng)
+                         dropout_rng=config.dropout_rng,
+                         frozen_of=(functools.partial(optim.frozen_mask, config=optim_cfg)
+                                    if optim_cfg.frozen else None))
 
 
 def step_seed(config: ml_collections.ConfigDict, mesh=None) -> jax.Array:
@@ -230,11 +239,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                create_model, resolved=dict(config_dict, total_steps_resolved=total_steps))
 
   # == Restore ================================================================================
-  frozen_groups = set(optim.optim_config(config.optim).frozen)
   ckpt = checkpoints.Checkpoints(
       workdir, keep=config.keep_checkpoints, best_metric=config.best_metric or None,
-      frozen_params=jax.tree.map(lambda group: group in frozen_groups,
-                                 optim.group_labels(abstract_params, config.optim.groups)))
+      frozen_params=optim.frozen_mask(abstract_params, config.optim))
   _check_config_change(ckpt, config_dict, config)
   restored = ckpt.restore_latest(run.abstract_state, train_iter.checkpointable)
   start_step, state, counters = _restore_or_init(run, ckpt, restored)
