@@ -458,16 +458,14 @@ class JaxSystem:
 
       return jax.jit(fwd_bwd).lower(args).compile(), lambda: (args,)
     if part in DROPOUT_PARTS:
-      # The step's dropout masks (layers.keep_mask, as layers.dropout draws them) with the
-      # step's PRNG ('dropout') or another one (DROPOUT_PARTS), side by side.
-      from hade_jax import layers
-
+      # The random bits of the step's dropout masks (layers.dropout: jax.random.bernoulli) with
+      # the step's PRNG ('dropout') or another one (DROPOUT_PARTS), side by side.
       n = dropout_elements(self.spec)
       impl = DROPOUT_PARTS[part] or self.config.dropout_rng
       keys = jax.random.split(jax.random.key(4, impl=impl), 2)
 
       def masks(key):
-        return jnp.sum(layers.keep_mask(key, 0.9, (n,)))
+        return jnp.sum(jax.random.bernoulli(key, 0.9, (n,)))
 
       return jax.jit(masks).lower(keys[0]).compile(), lambda: (keys[1],)
     if part == "optimizer":

@@ -219,8 +219,7 @@ def profile_rows(res: dict, d: dict) -> list[dict]:
     if key == "text" and "jax_dropout" in parts:
       rows.append({"key": "dropout", "label": "&nbsp;&nbsp;the two towers' dropout masks "
                    f"({res.get('dropout_elements', 0) / 1e6:.0f} M random draws per step, "
-                   f"{rng}, drawn by `layers.keep_mask`, inside the tower rows above)",
-                   "jax": t("part", "dropout", "jax"),
+                   f"{rng}, inside the tower rows above)", "jax": t("part", "dropout", "jax"),
                    "torch": t("part", "dropout", "torch"),
                    "flops": pf.get("dropout", float("nan")), "sub": True})
     if key == "text" and "jax_dropout_rbg" in parts and rng != "rbg":

@@ -52,7 +52,7 @@ def get_config(arg: str | None = None):
   c.init.text_tower = minilm_dir()
 
   c.batch_size = 32
-  c.num_epochs = 16.0  # 480 steps: ~8 min of training on 2 cores
+  c.num_epochs = 16.0  # 480 steps: ~4 min of training on 2 cores
   c.optim.groups = (("^text_encoder/", "text"), ("^audio_encoder/", "audio"), (".*", "heads"))
   c.optim.lr = base.ml_collections.ConfigDict({"text": 0.0, "audio": 1e-3, "heads": 1e-3})
   c.optim.weight_decay = base.ml_collections.ConfigDict({"text": 0.0, "audio": 0.01,

@@ -190,38 +190,6 @@ def test_dropout_rng_draws_the_same_masks_on_1_and_8_devices(impl):
   assert (_dropout_masks(impl, 4, 5, x_BxD) != one).any()
 
 
-@pytest.mark.parametrize("shape", [(7,), (3, 5, 7), (2, 64, 96), (8, 1, 1, 1)])
-@pytest.mark.parametrize("keep_prob", [0.9, 0.5, 1 / 3])
-def test_keep_mask_is_jax_bernoulli_bit_for_bit(shape, keep_prob):
-  """layers.keep_mask (the unrolled threefry of the dropout masks) draws exactly the masks of
-  jax.random.bernoulli, eagerly and under jit, for keys the training step derives."""
-  from hade_jax import layers
-
-  for seed, step in ((0, 0), (3, 5), (2**31 - 1, 123_456)):
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), step)
-    expected = np.asarray(jax.random.bernoulli(key, keep_prob, shape))
-    np.testing.assert_array_equal(np.asarray(layers.keep_mask(key, keep_prob, shape)), expected)
-    jitted = jax.jit(layers.keep_mask, static_argnums=(1, 2))(key, keep_prob, shape)
-    np.testing.assert_array_equal(np.asarray(jitted), expected)
-
-
-def test_keep_mask_unrolls_threefry_and_leaves_rbg_to_jax():
-  """The reason keep_mask exists: JAX lowers threefry on a CPU as a rolled loop (a `while`
-  over the whole array); keep_mask's program has none. An rbg key takes JAX's own draw."""
-  from hade_jax import layers
-
-  shape = (4, 32, 96)
-  key = jax.random.key(1)
-  ours = jax.jit(layers.keep_mask, static_argnums=(1, 2)).lower(key, 0.9, shape).as_text()
-  theirs = jax.jit(jax.random.bernoulli, static_argnums=(1, 2)).lower(key, 0.9, shape).as_text()
-  assert "while" not in ours
-  if jax.default_backend() == "cpu":  # other platforms lower JAX's threefry unrolled too
-    assert "while" in theirs
-  rbg = jax.random.key(1, impl="rbg")
-  np.testing.assert_array_equal(np.asarray(layers.keep_mask(rbg, 0.9, shape)),
-                                np.asarray(jax.random.bernoulli(rbg, 0.9, shape)))
-
-
 def test_dropout_rng_reaches_the_training_step():
   """config.dropout_rng is the PRNG of the step's masks: the step's random bits are drawn
   from keys of that implementation (`key<rbg>`), and of no other."""
