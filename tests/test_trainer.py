@@ -265,7 +265,7 @@ def test_a_frozen_group_gets_no_backward_and_the_same_update():
   assert flops["differentiates"] - flops["skips"] >= text_flops["flops"] > 0
   # XLA may fuse and order sums differently once the text branch is gone (the demo's and
   # ESC-50's steps came out bit for bit): loss and gradients agree to float32 rounding.
-  assert loss["skips"] == pytest.approx(loss["differentiates"], rel=1e-6)
+  assert loss["skips"] == pytest.approx(loss["differentiates"], rel=1e-5)
   largest = max(float(np.abs(g).max()) for g in moved["differentiates"])
   assert largest > 0
   for new, old, frozen in zip(moved["skips"], moved["differentiates"], jax.tree.leaves(mask),
