@@ -409,6 +409,8 @@ class JaxSystem:
     import optax
     from flax import nnx
 
+    from hade_jax import layers
+
     b = self.batch
     rng = jax.random.key(1)
     if part in ("audio", "text"):
@@ -458,14 +460,15 @@ class JaxSystem:
 
       return jax.jit(fwd_bwd).lower(args).compile(), lambda: (args,)
     if part in DROPOUT_PARTS:
-      # The random bits of the step's dropout masks (layers.dropout: jax.random.bernoulli) with
-      # the step's PRNG ('dropout') or another one (DROPOUT_PARTS), side by side.
-      n = dropout_elements(self.spec)
+      # The random bits of the step's dropout masks (layers.dropout: layers.keep_mask, one
+      # array of the batch's rows) with the step's PRNG ('dropout') or another one
+      # (DROPOUT_PARTS), side by side.
+      n, rows = dropout_elements(self.spec), self.spec.batch
       impl = DROPOUT_PARTS[part] or self.config.dropout_rng
       keys = jax.random.split(jax.random.key(4, impl=impl), 2)
 
       def masks(key):
-        return jnp.sum(jax.random.bernoulli(key, 0.9, (n,)))
+        return jnp.sum(layers.keep_mask(key, 0.9, (rows, n // rows)))
 
       return jax.jit(masks).lower(keys[0]).compile(), lambda: (keys[1],)
     if part == "optimizer":

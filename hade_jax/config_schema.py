@@ -241,11 +241,12 @@ class RunConfig:
 
 # `jax.random.key(..., impl=...)` names for the dropout masks (`TrainConfig.dropout_rng`).
 # threefry2x32 (JAX's default): the same masks on any device count, CPU, GPU and TPU, each
-# device drawing only its shard's masks. rbg (XLA's RngBitGenerator, threefry for fold_in):
-# also the same masks on 1 and 8 devices of one platform (not across platforms), cheaper per
-# draw, but XLA draws the whole array on every device and slices it, so on a data-parallel mesh
-# each device pays for the global batch: use it on one device (a CPU). unsafe_rbg is left out:
-# its fold_in, which every step's key and every dropout call use, is not exact.
+# device drawing only its shard's masks (`layers.keep_mask` draws JAX's bits in a loop of
+# cache-sized chunks: on a CPU 3.3x faster than rbg, BENCHMARKS.md). rbg (XLA's
+# RngBitGenerator, threefry for fold_in): also the same masks on 1 and 8 devices of one
+# platform (not across platforms), but XLA draws the whole array on every device and slices
+# it, so on a data-parallel mesh each device pays for the global batch. unsafe_rbg is left
+# out: its fold_in, which every step's key and every dropout call use, is not exact.
 DROPOUT_RNGS = ("threefry2x32", "rbg")
 
 
@@ -276,8 +277,8 @@ class TrainConfig:
   # data: refused unless True (then logged); model changes are always refused
   # (hade_jax/config_change.py).
   allow_config_change: bool = False
-  # The JAX PRNG of the dropout (and stochastic-depth) masks, one of DROPOUT_RNGS: 'rbg' draws
-  # them about 1.6x faster on a CPU but, sharded, every device draws the whole batch's masks.
+  # The JAX PRNG of the dropout (and stochastic-depth) masks, one of DROPOUT_RNGS (threefry2x32
+  # is also the faster one on a CPU; with rbg, sharded, every device draws the whole batch's).
   dropout_rng: str = "threefry2x32"
   # The train command makes glibc's malloc keep the host memory it frees, so a CPU step reuses
   # its pages instead of faulting in GiBs of fresh ones (resident size stays at its peak). Off:

@@ -178,7 +178,9 @@ def test_dropout_rng_draws_the_same_masks_on_1_and_8_devices(impl):
 
   assert impl in config_schema.DROPOUT_RNGS
   mesh = sharding.make_mesh((("data", 8), ("fsdp", 1)))
-  x_BxD = np.ones((16, 64), np.float32)
+  # 16 x 4096: large enough for layers.keep_mask's chunked loop (threefry), which the mesh
+  # partitions over the batch.
+  x_BxD = np.ones((16, 4096), np.float32)
   one = _dropout_masks(impl, 3, 5, x_BxD, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   eight = _dropout_masks(impl, 3, 5, x_BxD, sharding.batch_sharding(mesh))
   np.testing.assert_array_equal(one, eight)
