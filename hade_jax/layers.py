@@ -42,10 +42,12 @@ def _threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array):
 
 def _draws_by_chunks(key: jax.Array, shape: tuple[int, ...]) -> bool:
   """Whether `keep_mask` draws this mask itself: a threefry key with JAX's partitionable
-  counters (the element's flat index), and a mask large enough for the loop to pay."""
+  counters (the element's flat index), a float32 uniform (under x64, `jax.random.bernoulli`
+  draws float64 ones from 64 bits), and a mask large enough for the loop to pay."""
   return (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
           and str(jax.random.key_impl(key)) == "threefry2x32"
           and bool(getattr(jax.config, "jax_threefry_partitionable", True))
+          and jax.dtypes.canonicalize_dtype(np.float64) == np.float32
           and len(shape) >= 2 and 2 * _MASK_CHUNK <= math.prod(shape) < 2**32)
 
 

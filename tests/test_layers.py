@@ -44,6 +44,17 @@ def test_small_masks_and_rbg_keys_take_jax_random_itself():
     assert not _draws_in_a_loop(lambda k, s=shape: layers.keep_mask(k, 0.8, s), key)
 
 
+def test_under_x64_the_masks_are_still_jax_bernoulli():
+  """With 64-bit floats enabled jax.random.bernoulli compares a float64 uniform drawn from 64
+  random bits; keep_mask then leaves the mask to it rather than draw other bits."""
+  shape = (4, 96, 300)
+  with jax.enable_x64(True):
+    key = jax.random.key(5)
+    np.testing.assert_array_equal(np.asarray(layers.keep_mask(key, 0.9, shape)),
+                                  np.asarray(jax.random.bernoulli(key, 0.9, shape)))
+    assert not _draws_in_a_loop(lambda k: layers.keep_mask(k, 0.9, shape), key)
+
+
 def test_the_backward_reuses_the_forward_mask_without_a_second_hash():
   """Each mask's hash is compiled once: the gradient's program has exactly as many of the
   hash's rotations (shift-left ops) as the forward's, and two masks twice as many as one."""
