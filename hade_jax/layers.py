@@ -44,7 +44,7 @@ def _draws_by_chunks(key: jax.Array, shape: tuple[int, ...]) -> bool:
   """Whether `keep_mask` draws this mask itself: a threefry key with JAX's partitionable
   counters (the element's flat index), a float32 uniform (under x64, `jax.random.bernoulli`
   draws float64 ones from 64 bits), and a mask large enough for the loop to pay."""
-  return (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  return (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()
           and str(jax.random.key_impl(key)) == "threefry2x32"
           and bool(getattr(jax.config, "jax_threefry_partitionable", True))
           and jax.dtypes.canonicalize_dtype(np.float64) == np.float32

@@ -92,3 +92,15 @@ def test_on_a_mesh_each_device_draws_only_its_shard_of_the_batch():
   assert masks and masks <= {"2"}, masks  # 16 examples over 8 devices: 2 each, never 16
   np.testing.assert_array_equal(np.asarray(sharded(x, key)),
                                 np.asarray(jax.jit(drop)(np.ones((16, 4096, 8), np.float32), key)))
+
+
+def test_under_vmap_each_key_draws_its_own_bernoulli_mask():
+  keys = jax.random.split(jax.random.key(2), 3)
+  shape = (4, 96, 300)
+  drawn = jax.vmap(lambda k: layers.keep_mask(k, 0.9, shape))(keys)
+  expected = jax.vmap(lambda k: jax.random.bernoulli(k, 0.9, shape))(keys)
+  np.testing.assert_array_equal(np.asarray(drawn), np.asarray(expected))
+  assert not (np.asarray(drawn[0]) == np.asarray(drawn[1])).all()
+  # A key array outside vmap is JAX's own error, as for jax.random.bernoulli.
+  with pytest.raises(ValueError, match="single key"):
+    layers.keep_mask(keys, 0.9, shape)
