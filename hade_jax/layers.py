@@ -48,14 +48,15 @@ def _draws_by_chunks(key: jax.Array, shape: tuple[int, ...]) -> bool:
           and str(jax.random.key_impl(key)) == "threefry2x32"
           and bool(getattr(jax.config, "jax_threefry_partitionable", True))
           and jax.dtypes.canonicalize_dtype(np.float64) == np.float32
-          and len(shape) >= 2 and 2 * _MASK_CHUNK <= math.prod(shape) < 2**32)
+          and len(shape) >= 2 and 2 * _MASK_CHUNK <= math.prod(shape) < 2**31)
 
 
 def keep_mask(key: jax.Array, keep_prob: float, shape: tuple[int, ...]) -> jax.Array:
   """`jax.random.bernoulli(key, keep_prob, shape)`, bit for bit, drawn faster on a CPU.
 
   JAX lowers threefry on a CPU as a loop over the hash's 5 groups of rounds, each a pass over
-  the whole array in memory (about a quarter of a second a step for the demo's masks). Here a
+  the whole array in memory (0.24 s a step for the 21 M draws of BENCHMARKS.md's CLAP-size
+  step, against 0.037 s drawn here). Here a
   loop over chunks of the trailing axes (every leading index in each chunk) runs the 20 rounds
   written out on one cache-sized chunk at a time and stores the booleans. The loop keeps the
   hash out of the mask's consumers: fused into each of them (forward and backward), XLA took
