@@ -56,12 +56,12 @@ def keep_mask(key: jax.Array, keep_prob: float, shape: tuple[int, ...]) -> jax.A
 
   JAX lowers threefry on a CPU as a loop over the hash's 5 groups of rounds, each a pass over
   the whole array in memory (0.24 s a step for the 21 M draws of BENCHMARKS.md's CLAP-size
-  step, against 0.037 s drawn here). Here a
-  loop over chunks of the trailing axes (every leading index in each chunk) runs the 20 rounds
-  written out on one cache-sized chunk at a time and stores the booleans. The loop keeps the
-  hash out of the mask's consumers: fused into each of them (forward and backward), XLA took
-  tens of minutes to compile a model. Small masks (stochastic depth's per-example draws) and
-  other keys (rbg) take `jax.random.bernoulli` itself.
+  step, against 0.037 s drawn here). Here a loop over chunks of the trailing axes (every
+  leading index in each chunk) runs the 20 rounds written out on one cache-sized chunk at a
+  time and stores the booleans. The loop keeps the hash out of the mask's consumers: fused
+  into each of them (forward and backward), XLA took tens of minutes to compile a model. Small
+  masks (stochastic depth's per-example draws) and other keys (rbg) take
+  `jax.random.bernoulli` itself.
   """
   shape = tuple(int(d) for d in shape)
   if not _draws_by_chunks(key, shape):
