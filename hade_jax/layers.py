@@ -102,7 +102,7 @@ def drop_path(x_BxZ: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array
   if rngs is None or rate <= 0.0:
     return x_BxZ
   shape = (x_BxZ.shape[0],) + (1,) * (x_BxZ.ndim - 1)
-  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, shape)
+  keep = keep_mask(rngs.dropout(), 1.0 - rate, shape)
   return jnp.where(keep, x_BxZ / (1.0 - rate), jnp.zeros_like(x_BxZ))
 
 
